@@ -1,0 +1,31 @@
+# One venv, one install, one test command. `make test` works on a fresh machine (Python 3.11,
+# registry-only network); `.ci/run` calls exactly `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast lint demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv lint
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+demo: venv
+	$(VENV)/bin/musiccm generate --prompt "an upbeat jazz tune with piano and drums" --duration 10.24 --steps 4 --seed 0 --out outputs/demo.flac
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,133 @@
+"""The one place that calls into diffusers/transformers components (after k-diffusion's external.py).
+
+Everything else sees plain tensors: CLAP text/audio embeddings (B, 512), a ``Denoiser``
+``denoise(x_t, t, cond) -> x0`` over latents (B, 8, T, 16), and ``decode(latents) -> waveforms``.
+transformers 5 quirk handled here: ``ClapModel.get_*_features`` return output objects whose
+``.pooler_output`` holds the normalised vector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from musiccm.longform import Denoiser, chunked_apply
+from musiccm.model import MusicLDMComponents
+from musiccm.schedule import classifier_free_guidance, guidance_scale_embedding, model_output_to_x0
+
+
+def _features(output: object) -> torch.Tensor:
+    vec = output.pooler_output if hasattr(output, "pooler_output") else output  # transformers 5 vs 4
+    return F.normalize(vec.float(), dim=-1)
+
+
+def text_max_length(c: MusicLDMComponents) -> int:
+    """Token limit: the tokenizer's, capped by the text tower's position table."""
+    positions = c.text_encoder.config.text_config.max_position_embeddings - 2  # RoBERTa offset
+    return int(min(c.tokenizer.model_max_length, positions))
+
+
+@torch.no_grad()
+def encode_text(c: MusicLDMComponents, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+    """L2-normalised CLAP text embeddings (B, D) and, per prompt, whether it was truncated."""
+    limit = text_max_length(c)
+    lengths = [len(ids) for ids in c.tokenizer(prompts)["input_ids"]]
+    tokens = c.tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    device = c.text_encoder.device
+    out = c.text_encoder.get_text_features(
+        input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+    )
+    return _features(out), [n > limit for n in lengths]
+
+
+@torch.no_grad()
+def encode_audio(
+    c: MusicLDMComponents, waveforms: list[np.ndarray], sample_rate: int
+) -> torch.Tensor | None:
+    """L2-normalised CLAP audio embeddings (B, D), averaged over 10 s chunks; None without an audio front end."""
+    fe = c.feature_extractor
+    if fe is None:
+        return None
+    import torchaudio.functional as AF
+
+    device = c.text_encoder.device
+    embeddings = []
+    for wav in waveforms:
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32))
+        if sample_rate != fe.sampling_rate:
+            x = AF.resample(x, sample_rate, fe.sampling_rate)
+        chunks = [x[i : i + fe.nb_max_samples].numpy() for i in range(0, max(len(x), 1), fe.nb_max_samples)]
+        # Chunks never exceed max length, so "rand_trunc" never crops at random: scores are deterministic.
+        feats = fe(chunks, sampling_rate=fe.sampling_rate, return_tensors="pt", truncation="rand_trunc")
+        out = c.text_encoder.get_audio_features(
+            input_features=feats["input_features"].to(device), is_longer=feats["is_longer"].to(device)
+        )
+        embeddings.append(F.normalize(_features(out).mean(0), dim=-1))
+    return torch.stack(embeddings)
+
+
+def make_denoiser(
+    c: MusicLDMComponents, uncond: torch.Tensor | None, guidance_scale: float
+) -> Denoiser:
+    """x0-predicting denoiser from the UNet.
+
+    Teacher: classifier-free guidance with cond and uncond in one batched forward. Student with a
+    guidance embedding (``time_cond_proj_dim``): one forward with w = guidance_scale − 1 embedded.
+    Student without: one conditional forward (guidance was distilled in).
+    """
+    unet, sched = c.unet, c.scheduler
+    prediction_type = sched.config.prediction_type
+    dtype = unet.dtype
+    w_dim = unet.config.get("time_cond_proj_dim")
+    use_cfg = not c.is_consistency and guidance_scale != 1.0
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a = sched.alphas_cumprod.to(x_t.device)[t]
+        x_in, t_in, cond_in = x_t, t, cond
+        if use_cfg:  # (2B, C, T, F): cond rows then uncond rows
+            assert uncond is not None
+            x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
+            cond_in = torch.cat([cond, uncond.expand(cond.shape[0], -1)])
+        w_emb = None
+        if w_dim is not None:
+            w = torch.full((x_in.shape[0],), guidance_scale - 1.0, device=x_t.device)
+            w_emb = guidance_scale_embedding(w, w_dim).to(dtype)
+        out = unet(
+            x_in.to(dtype), t_in, encoder_hidden_states=None, class_labels=cond_in.to(dtype), timestep_cond=w_emb
+        ).sample.float()
+        if use_cfg:
+            out = classifier_free_guidance(*out.chunk(2), guidance_scale)
+        return model_output_to_x0(out, x_t.float(), a, prediction_type)
+
+    return denoise
+
+
+@torch.no_grad()
+def decode(
+    c: MusicLDMComponents,
+    latents: torch.Tensor,
+    num_samples: int,
+    latent_chunk: int | None = None,
+    mel_chunk: int | None = None,
+) -> torch.Tensor:
+    """Latents (B, C, T, F) → waveforms (B, num_samples): VAE then vocoder, in cross-faded chunks."""
+    g = c.geometry
+    latent_chunk = latent_chunk or g.window_frames
+    mel_chunk = mel_chunk or g.window_frames * g.vae_factor
+    vae_dtype = c.vae.dtype
+    z = latents.to(vae_dtype) / c.vae.config.scaling_factor
+
+    def vae_decode(chunk: torch.Tensor) -> torch.Tensor:  # (B, C, t, F) -> (B, 1, 4t, 64)
+        return c.vae.decode(chunk).sample
+
+    mel = chunked_apply(vae_decode, z, latent_chunk, max(latent_chunk // 8, 1), g.vae_factor, dim=2)
+    mel = mel.squeeze(1).to(c.vocoder.dtype)  # (B, M, n_mels)
+    needed = -(-num_samples // g.hop_length)
+    mel = mel[:, :needed]
+
+    def vocode(chunk: torch.Tensor) -> torch.Tensor:  # (B, m, n_mels) -> (B, hop·m + extra)
+        return c.vocoder(chunk)
+
+    wav = chunked_apply(vocode, mel, mel_chunk, max(mel_chunk // 16, 1), g.hop_length, dim=1)
+    return wav[:, :num_samples].float()

@@ -1,0 +1,466 @@
+"""One storage API over local paths and `s3://bucket/key` URIs (checkpoints, audio, Parquet shards).
+
+S3 settings come only from the standard AWS environment: `AWS_ENDPOINT_URL` (or
+`AWS_ENDPOINT_URL_S3`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` /
+`AWS_DEFAULT_REGION`. On Ray, pass them to every worker with `runtime_env={"env_vars": ...}`.
+
+- Writes are atomic: a reader sees the old object or the whole new one, never a part; a retried
+  write overwrites the same final key. Temporaries end in `.tmp-<32 hex>` and are never listed.
+- Transient S3 errors (throttling, 5xx, timeouts, dropped connections) are retried inside every
+  operation by `retry` (exponential back-off with jitter); boto3's own retries are off.
+- Permanent errors (no bucket, access denied, bad credentials, missing file) raise `StorageError`
+  at once, naming the URI and the cause in one line, never a credential.
+- Parquet: `fs, path = pyarrow_fs(uri)` then `pq.write_table(t, path, filesystem=fs)` or
+  `ray.data.read_parquet(path, filesystem=fs)`. Ray Data also reads a plain `s3://` URI with the
+  environment alone, but the explicit filesystem carries our endpoint, region and retry settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import random
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import boto3
+import pyarrow.fs as pafs
+from boto3.exceptions import Boto3Error, S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}$")
+_TRANSIENT_CODES = frozenset(
+    "Throttling ThrottlingException ThrottledException SlowDown RequestTimeout RequestTimeoutException"
+    " RequestLimitExceeded TooManyRequests TooManyRequestsException InternalError ServiceUnavailable"
+    " PriorRequestNotComplete OperationAborted".split()
+)
+_COPY_LIMIT = 5 * 1024**3  # single-request CopyObject limit; larger objects use multipart copy
+_MiB = 1024**2
+_TRANSFER = TransferConfig(multipart_threshold=64 * _MiB, multipart_chunksize=64 * _MiB, max_concurrency=8)
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_BUCKETS_SEEN: set[tuple[Any, ...]] = set()
+_LOCK = threading.Lock()
+
+
+class StorageError(RuntimeError):
+    """A permanent storage failure: `<uri>: <cause>` in one line."""
+
+
+# ---------------------------------------------------------------- retry policy
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: throttling, 5xx, timeouts, dropped connections."""
+    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+        return is_transient(exc.__context__)  # s3transfer wraps the ClientError and loses its code
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
+    if isinstance(exc, NoCredentialsError):
+        return False
+    # EndpointConnectionError, ConnectionClosedError, Read/ConnectTimeoutError, ResponseStreamingError...
+    return isinstance(exc, BotoCoreError | ConnectionError | TimeoutError)
+
+
+def retry(
+    attempts: int = 6,
+    base_s: float = 0.2,
+    cap_s: float = 5.0,
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: retry transient failures with exponential back-off and full jitter."""
+
+    if attempts < 1:
+        raise ValueError(f"retry: attempts={attempts}; expected >= 1")
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            for attempt in range(attempts):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if attempt == attempts - 1 or not transient(exc):
+                        raise
+                    time.sleep(random.uniform(0.5, 1.0) * min(cap_s, base_s * 2**attempt))
+            raise AssertionError("unreachable")
+
+        return wrapper
+
+    return decorate
+
+
+# ---------------------------------------------------------------- S3 plumbing
+
+
+def is_s3(uri: str) -> bool:
+    """True for `s3://bucket/key` URIs."""
+    return uri.startswith("s3://")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key)."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r}: no bucket; expected s3://bucket/key")
+    return bucket, key
+
+
+def _local(uri: str) -> str:
+    """Local path of a non-S3 URI (a plain path or `file://` URI)."""
+    return uri.removeprefix("file://")
+
+
+def _settings() -> tuple[str | None, str]:
+    """(endpoint URL or None, region) from the AWS environment."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint, region
+
+
+def _cache_key() -> tuple[Any, ...]:
+    """Client cache key: process, endpoint, region and a digest of the credentials in the environment."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    creds = "\0".join(os.environ.get(k, "") for k in names)
+    return (os.getpid(), *_settings(), hashlib.sha256(creds.encode()).hexdigest())
+
+
+def _client() -> Any:
+    """The boto3 S3 client of this process for the current environment (created lazily, never pickled)."""
+    key = _cache_key()
+    client = _CLIENTS.get(key)
+    if client is None:
+        with _LOCK:  # boto3 sessions are not thread-safe; clients are
+            client = _CLIENTS.get(key)
+            if client is None:
+                endpoint, region = _settings()
+                config = Config(
+                    region_name=region,
+                    retries={"max_attempts": 1, "mode": "standard"},  # our `retry` is the policy in force
+                    connect_timeout=10,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                    s3={"addressing_style": "path" if endpoint else "auto"},
+                    request_checksum_calculation="when_required",  # S3-compatible servers vary here
+                    response_checksum_validation="when_required",
+                )
+                client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+                _CLIENTS[key] = client
+    return client
+
+
+def _error(uri: str, exc: BaseException) -> StorageError:
+    """One-line StorageError for a boto/OS failure; never echoes credentials."""
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+        exc = exc.__context__
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        bucket = _split(uri)[0] if is_s3(uri) else ""
+        if code == "NoSuchBucket":
+            cause = f"bucket {bucket!r} does not exist"
+        elif code in ("NoSuchKey", "404", "NotFound"):
+            cause = f"bucket {bucket!r} does not exist" if _bucket_missing(bucket) else "no such object"
+        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            cause = f"invalid credentials ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        elif code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            cause = f"access denied to bucket {bucket!r}"
+        else:
+            cause = f"{code or 'error'} (HTTP {status})"
+    elif isinstance(exc, NoCredentialsError):
+        cause = "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    elif isinstance(exc, FileNotFoundError):
+        cause = "no such file or directory"
+    elif isinstance(exc, OSError):
+        cause = exc.strerror or type(exc).__name__
+    else:
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if is_transient(exc):
+            cause = f"still failing after retries: {cause}"
+    return StorageError(f"{uri}: {cause}")
+
+
+def _op(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a storage operation (first argument: its URI) under `retry`, mapping failures to StorageError."""
+    retried = retry()(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return retried(*args, **kwargs)
+        except (BotoCoreError, ClientError, OSError, Boto3Error) as exc:
+            raise _error(str(args[0]), exc) from exc
+
+    return wrapper
+
+
+def _bucket_missing(bucket: str) -> bool:
+    """True if HEAD on `bucket` says 404 (a HEAD object 404 has no body to tell bucket from key)."""
+    if not bucket:
+        return False
+    seen = (*_cache_key(), bucket)
+    if seen in _BUCKETS_SEEN:
+        return False
+    try:
+        _client().head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+    except (BotoCoreError, OSError):
+        return False  # unknown: report the object as missing
+    _BUCKETS_SEEN.add(seen)
+    return False
+
+
+def _head(uri: str) -> dict[str, Any] | None:
+    """HEAD an object: its metadata, or None if the key is missing (StorageError if the bucket is)."""
+    bucket, key = _split(uri)
+    try:
+        return _client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            raise
+        if _bucket_missing(bucket):
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from exc
+        return None
+
+
+# ---------------------------------------------------------------- keys
+
+
+def join(base: str, *parts: str) -> str:
+    """Join `/`-separated key parts under `base`, rejecting anything that could escape it."""
+    if not base:
+        raise ValueError("join: empty base; expected a directory path or s3://bucket[/prefix]")
+    allowed = "allowed: non-empty '/'-separated names, no '.'/'..' segments, backslashes or control chars"
+    for part in parts:
+        if not isinstance(part, str) or not part:
+            raise ValueError(f"join: empty or non-string part {part!r}; {allowed}")
+        if part.startswith("/"):
+            raise ValueError(f"join: absolute part {part!r}; {allowed}")
+        if "\\" in part:
+            raise ValueError(f"join: backslash in part {part!r}; {allowed}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in part):
+            raise ValueError(f"join: control character in part {part!r}; {allowed}")
+        for segment in part.split("/"):
+            if segment in ("", ".", ".."):
+                raise ValueError(f"join: segment {segment!r} in part {part!r}; {allowed}")
+    if not parts:
+        return base
+    return (base if base.endswith("/") else base + "/") + "/".join(parts)
+
+
+# ---------------------------------------------------------------- writes
+
+
+def _local_atomic(path: str, fill: Callable[[Any], None]) -> None:
+    """Write via `fill(fileobj)` into a temp file beside `path`, fsync, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "xb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _s3_atomic(uri: str, put: Callable[[str, str], None], n_bytes: int) -> None:
+    """`put(bucket, tmp_key)`, server-side copy to the final key, then delete the temporary."""
+    bucket, key = _split(uri)
+    tmp_key = f"{key}.tmp-{uuid.uuid4().hex}"
+    client = _client()
+    put_done = False
+    try:
+        _op(lambda _uri: put(bucket, tmp_key))(uri)
+        put_done = True
+        source = {"Bucket": bucket, "Key": tmp_key}
+        if n_bytes < _COPY_LIMIT:
+            _op(lambda _uri: client.copy_object(CopySource=source, Bucket=bucket, Key=key))(uri)
+        else:
+            _op(lambda _uri: client.copy(source, bucket, key, Config=_TRANSFER))(uri)
+    finally:
+        if put_done:  # a leftover temporary is invisible to list_files; never mask the real error
+            with contextlib.suppress(StorageError):
+                _op(lambda _uri: client.delete_object(Bucket=bucket, Key=tmp_key))(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomically write `data` to `uri` (creating parent directories locally)."""
+    if is_s3(uri):
+        _s3_atomic(uri, lambda b, k: _client().put_object(Bucket=b, Key=k, Body=data), len(data))
+    else:
+        _op(_local_atomic)(_local(uri), lambda f: f.write(data))
+
+
+def write_file(uri: str, local_path: str) -> None:
+    """Atomically copy the local file `local_path` to `uri`, streaming (multipart above 64 MiB)."""
+    n_bytes = _op(os.path.getsize)(local_path)
+    if is_s3(uri):
+        _s3_atomic(uri, lambda b, k: _client().upload_file(local_path, b, k, Config=_TRANSFER), n_bytes)
+    else:
+        with open(local_path, "rb") as src:
+            _op(_local_atomic)(_local(uri), lambda f: (src.seek(0), shutil.copyfileobj(src, f, 1 << 20)))
+
+
+# ---------------------------------------------------------------- reads
+
+
+@_op
+def read_bytes(uri: str) -> bytes:
+    """The whole content of `uri`."""
+    if not is_s3(uri):
+        return Path(_local(uri)).read_bytes()
+    bucket, key = _split(uri)
+    return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def download_file(uri: str, local_path: str) -> None:
+    """Copy `uri` to the local file `local_path` (atomically, creating parent directories)."""
+    if not is_s3(uri):
+        with _op(open)(_local(uri), "rb") as src:
+            _op(_local_atomic)(local_path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        return
+    bucket, key = _split(uri)
+    _op(_local_atomic)(local_path, lambda f: _op(_download)(uri, bucket, key, f))
+
+
+def _download(uri: str, bucket: str, key: str, f: Any) -> None:
+    """Stream one object into the open file `f` (restarting from the beginning on retry)."""
+    f.seek(0)
+    f.truncate()
+    _client().download_fileobj(bucket, key, f, Config=_TRANSFER)
+
+
+def exists(uri: str) -> bool:
+    """True if the file/object `uri` exists (StorageError if its bucket does not)."""
+    if not is_s3(uri):
+        return os.path.isfile(_local(uri))
+    return _op(_head)(uri) is not None
+
+
+def size(uri: str) -> int:
+    """Size of `uri` in bytes."""
+    if not is_s3(uri):
+        return _op(os.path.getsize)(_local(uri))
+    head = _op(_head)(uri)
+    if head is None:
+        raise StorageError(f"{uri}: no such object")
+    return int(head["ContentLength"])
+
+
+@_op
+def delete(uri: str) -> None:
+    """Delete the file/object `uri`; a missing one is not an error."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        _client().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(_local(uri)).unlink(missing_ok=True)
+
+
+@_op
+def _list_page(uri: str, bucket: str, prefix: str, token: str | None) -> dict[str, Any]:
+    """One page of ListObjectsV2."""
+    kwargs = {"ContinuationToken": token} if token else {}
+    return _client().list_objects_v2(Bucket=bucket, Prefix=prefix, **kwargs)
+
+
+def list_files(prefix_uri: str, suffix: str | None = None) -> list[str]:
+    """All files under the directory `prefix_uri` (recursive), as full URIs sorted by URI."""
+    out: list[str] = []
+    if is_s3(prefix_uri):
+        bucket, prefix = _split(prefix_uri)
+        prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        token: str | None = None
+        while True:
+            page = _list_page(prefix_uri, bucket, prefix, token)
+            # Directory markers (keys ending in "/", e.g. from pyarrow) are not files.
+            keys = [o["Key"] for o in page.get("Contents", [])]
+            out += [f"s3://{bucket}/{k}" for k in keys if not k.endswith("/")]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                break
+    else:
+        root = _local(prefix_uri)
+        for directory, _, names in os.walk(root):
+            out += [os.path.join(directory, n) for n in names]
+    # SeaweedFS lists in its own (not byte-wise) order, so always sort here.
+    return sorted(u for u in out if not _TMP_RE.search(u) and (suffix is None or u.endswith(suffix)))
+
+
+def _relative(root_uri: str, uri: str) -> str:
+    """Path of `uri` relative to `root_uri`, validated so it cannot escape a local directory."""
+    rel = uri[len(root_uri.rstrip("/")) + 1 :]
+    join("_", rel)  # raises ValueError for '..', absolute paths, backslashes...
+    return rel
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy every file under `uri` into `local_dir` (keeping the tree); returns `local_dir`."""
+    files = list_files(uri)
+    if not files:
+        raise StorageError(f"{uri}: no files under this prefix")
+    for file_uri in files:
+        download_file(file_uri, os.path.join(local_dir, _relative(_local(uri), _local(file_uri))))
+    return local_dir
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy every file under `local_dir` to `uri` (keeping the tree), each one atomically."""
+    files = list_files(local_dir)
+    if not files:
+        raise StorageError(f"{local_dir}: no files to upload")
+    for path in files:
+        write_file(join(uri, _relative(local_dir, path)), path)
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a small probe under the directory `uri`; StorageError if that fails."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"ok")
+        delete(probe)
+    except StorageError as exc:
+        raise StorageError(f"{uri}: not writable: {str(exc).partition(': ')[2]}") from exc
+
+
+def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path) for `uri`; S3 is configured from the same AWS environment."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(_local(uri))
+    endpoint, region = _settings()
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, sep, host = endpoint.rstrip("/").partition("://")
+        kwargs = {"endpoint_override": host, "scheme": scheme} if sep else {"endpoint_override": scheme}
+    # Credentials are left to the AWS SDK's environment chain so they are never pickled into Ray tasks.
+    fs = pafs.S3FileSystem(
+        region=region,
+        connect_timeout=10,
+        request_timeout=60,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6),
+        **kwargs,
+    )
+    return fs, uri[len("s3://") :]

@@ -1,0 +1,1 @@
+"""Real test doubles (servers, fixtures helpers) shared by tests, benchmarks and scripts."""
