@@ -107,7 +107,7 @@ def resolve(path_or_id: str, local_files_only: bool = False, cache_dir: str | No
             cache_dir=cache_dir,
             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
         )
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; name the cause
+    except Exception as exc:
         where = "the local hub cache" if local_files_only else "the hub"
         raise ModelError(
             f"could not get model {path_or_id!r} from {where}: {type(exc).__name__}: {exc}. "
@@ -153,7 +153,7 @@ def load(
         text_encoder = ClapModel.from_pretrained(directory, subfolder="text_encoder", use_safetensors=True)
         vocoder = SpeechT5HifiGan.from_pretrained(directory, subfolder="vocoder", use_safetensors=True)
         tokenizer = RobertaTokenizerFast.from_pretrained(directory, subfolder="tokenizer")
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"model {path_or_id!r} could not be loaded: {exc}") from None
     feature_extractor = None
     if os.path.isdir(os.path.join(directory, "feature_extractor")):

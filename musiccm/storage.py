@@ -49,7 +49,9 @@ _TRANSIENT_CODES = frozenset(
 )
 _COPY_LIMIT = 5 * 1024**3  # single-request CopyObject limit; larger objects use multipart copy
 _MiB = 1024**2
-_TRANSFER = TransferConfig(multipart_threshold=64 * _MiB, multipart_chunksize=64 * _MiB, max_concurrency=8)
+_TRANSFER = TransferConfig(
+    multipart_threshold=64 * _MiB, multipart_chunksize=64 * _MiB, max_concurrency=8, num_download_attempts=1
+)
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _BUCKETS_SEEN: set[tuple[Any, ...]] = set()
 _LOCK = threading.Lock()
@@ -81,8 +83,7 @@ def retry(
     cap_s: float = 5.0,
     transient: Callable[[BaseException], bool] = is_transient,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorator: retry transient failures with exponential back-off and full jitter."""
-
+    """Decorator: retry `transient` failures, `attempts` tries in all, jittered back-off base_s * 2^i."""
     if attempts < 1:
         raise ValueError(f"retry: attempts={attempts}; expected >= 1")
 
@@ -149,7 +150,7 @@ def _client() -> Any:
                 endpoint, region = _settings()
                 config = Config(
                     region_name=region,
-                    retries={"max_attempts": 1, "mode": "standard"},  # our `retry` is the policy in force
+                    retries={"total_max_attempts": 1, "mode": "standard"},  # `retry` is the policy
                     connect_timeout=10,
                     read_timeout=60,
                     max_pool_connections=32,
@@ -193,16 +194,20 @@ def _error(uri: str, exc: BaseException) -> StorageError:
     return StorageError(f"{uri}: {cause}")
 
 
+def _call(uri: str, fn: Callable[[], R]) -> R:
+    """Run `fn()` under the default `retry` policy, mapping what still fails to a StorageError on `uri`."""
+    try:
+        return retry()(fn)()
+    except (BotoCoreError, ClientError, OSError, Boto3Error) as exc:
+        raise _error(uri, exc) from exc
+
+
 def _op(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run a storage operation (first argument: its URI) under `retry`, mapping failures to StorageError."""
-    retried = retry()(fn)
+    """Decorator form of `_call` for functions whose first argument is the URI."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return retried(*args, **kwargs)
-        except (BotoCoreError, ClientError, OSError, Boto3Error) as exc:
-            raise _error(str(args[0]), exc) from exc
+        return _call(str(args[0]), lambda: fn(*args, **kwargs))
 
     return wrapper
 
@@ -240,23 +245,31 @@ def _head(uri: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- keys
 
 
+def _part_problem(part: object) -> str | None:
+    """Why `part` is unsafe as a key/path part, or None if it is fine."""
+    if not isinstance(part, str) or not part:
+        return "is empty or not a string"
+    if part.startswith("/"):
+        return "is absolute"
+    if "\\" in part:
+        return "contains a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in part):
+        return "contains a control character"
+    if {"", ".", ".."} & set(part.split("/")):
+        return "has an empty, '.' or '..' segment"
+    return None
+
+
 def join(base: str, *parts: str) -> str:
     """Join `/`-separated key parts under `base`, rejecting anything that could escape it."""
     if not base:
         raise ValueError("join: empty base; expected a directory path or s3://bucket[/prefix]")
-    allowed = "allowed: non-empty '/'-separated names, no '.'/'..' segments, backslashes or control chars"
     for part in parts:
-        if not isinstance(part, str) or not part:
-            raise ValueError(f"join: empty or non-string part {part!r}; {allowed}")
-        if part.startswith("/"):
-            raise ValueError(f"join: absolute part {part!r}; {allowed}")
-        if "\\" in part:
-            raise ValueError(f"join: backslash in part {part!r}; {allowed}")
-        if any(ord(c) < 32 or ord(c) == 127 for c in part):
-            raise ValueError(f"join: control character in part {part!r}; {allowed}")
-        for segment in part.split("/"):
-            if segment in ("", ".", ".."):
-                raise ValueError(f"join: segment {segment!r} in part {part!r}; {allowed}")
+        if problem := _part_problem(part):
+            raise ValueError(
+                f"join: part {part!r} {problem}; allowed: non-empty '/'-separated names without"
+                " '.'/'..' segments, leading '/', backslashes or control characters"
+            )
     if not parts:
         return base
     return (base if base.endswith("/") else base + "/") + "/".join(parts)
@@ -293,17 +306,17 @@ def _s3_atomic(uri: str, put: Callable[[str, str], None], n_bytes: int) -> None:
     client = _client()
     put_done = False
     try:
-        _op(lambda _uri: put(bucket, tmp_key))(uri)
+        _call(uri, lambda: put(bucket, tmp_key))
         put_done = True
         source = {"Bucket": bucket, "Key": tmp_key}
         if n_bytes < _COPY_LIMIT:
-            _op(lambda _uri: client.copy_object(CopySource=source, Bucket=bucket, Key=key))(uri)
+            _call(uri, lambda: client.copy_object(CopySource=source, Bucket=bucket, Key=key))
         else:
-            _op(lambda _uri: client.copy(source, bucket, key, Config=_TRANSFER))(uri)
+            _call(uri, lambda: client.copy(source, bucket, key, Config=_TRANSFER))
     finally:
         if put_done:  # a leftover temporary is invisible to list_files; never mask the real error
             with contextlib.suppress(StorageError):
-                _op(lambda _uri: client.delete_object(Bucket=bucket, Key=tmp_key))(uri)
+                _call(uri, lambda: client.delete_object(Bucket=bucket, Key=tmp_key))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -320,8 +333,13 @@ def write_file(uri: str, local_path: str) -> None:
     if is_s3(uri):
         _s3_atomic(uri, lambda b, k: _client().upload_file(local_path, b, k, Config=_TRANSFER), n_bytes)
     else:
-        with open(local_path, "rb") as src:
-            _op(_local_atomic)(_local(uri), lambda f: (src.seek(0), shutil.copyfileobj(src, f, 1 << 20)))
+        _op(_local_atomic)(_local(uri), lambda f: _copy_from(local_path, f))
+
+
+def _copy_from(local_path: str, f: Any) -> None:
+    """Stream the local file `local_path` into the open file `f`."""
+    with open(local_path, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 # ---------------------------------------------------------------- reads
@@ -339,14 +357,14 @@ def read_bytes(uri: str) -> bytes:
 def download_file(uri: str, local_path: str) -> None:
     """Copy `uri` to the local file `local_path` (atomically, creating parent directories)."""
     if not is_s3(uri):
-        with _op(open)(_local(uri), "rb") as src:
-            _op(_local_atomic)(local_path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        _call(uri, lambda: os.stat(_local(uri)))  # name the source, not the destination, if it is missing
+        _op(_local_atomic)(local_path, lambda f: _copy_from(_local(uri), f))
         return
     bucket, key = _split(uri)
-    _op(_local_atomic)(local_path, lambda f: _op(_download)(uri, bucket, key, f))
+    _op(_local_atomic)(local_path, lambda f: _call(uri, lambda: _download(bucket, key, f)))
 
 
-def _download(uri: str, bucket: str, key: str, f: Any) -> None:
+def _download(bucket: str, key: str, f: Any) -> None:
     """Stream one object into the open file `f` (restarting from the beginning on retry)."""
     f.seek(0)
     f.truncate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from musiccm import storage
 from musiccm.storage import StorageError
-from musiccm.testing.seaweed import SeaweedFS
+from musiccm.testing.seaweed import SeaweedFS, free_ports
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,30 @@ def test_atomic_write_leaves_no_temporaries(root: str, s3: SeaweedFS) -> None:
     assert not [k for k in keys if ".tmp-" in k]
 
 
+def test_failed_overwrite_keeps_old_content(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = storage.join(root, "ckpt.pt")
+    storage.write_bytes(uri, b"old")
+    if storage.is_s3(root):  # fail the copy from the temporary to the final key
+
+        def fail(**kwargs: object) -> None:
+            raise ClientError({"Error": {"Code": "AccessDenied"}}, "CopyObject")  # type: ignore[arg-type]
+
+        monkeypatch.setattr(storage._client(), "copy_object", fail)
+    else:  # fail the fsync of the temporary file
+
+        def fail(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(storage.os, "fsync", fail)
+    with pytest.raises(StorageError, match="ckpt.pt"):
+        storage.write_bytes(uri, b"new")
+    monkeypatch.undo()
+    assert storage.read_bytes(uri) == b"old"
+    assert storage.list_files(root) == [uri]
+    if not storage.is_s3(root):
+        assert [p.name for p in Path(root).iterdir()] == ["ckpt.pt"]
+
+
 def test_list_files_recursive_sorted_filtered(root: str) -> None:
     # Mixing '/', '-' and '.' after a common prefix is where SeaweedFS's order differs from byte order.
     names = ["a/b/c.txt", "a/b-c.txt", "a/b.txt", "a/b0.bin", "z.txt", "a/b/d/e.txt", "a/b/d/f"]
@@ -112,6 +138,18 @@ def test_write_file_download_file(root: str, tmp_path: Path) -> None:
     storage.download_file(uri, str(dst))
     assert dst.read_bytes() == src.read_bytes()
     assert not list(dst.parent.glob("*.tmp-*"))
+
+
+def test_multipart_upload_and_copy(s3: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shrink the limits so a 11 MiB file takes the multipart upload and multipart copy paths.
+    small = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    monkeypatch.setattr(storage, "_TRANSFER", small)
+    monkeypatch.setattr(storage, "_COPY_LIMIT", 1)
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(11 << 20))
+    storage.write_file("s3://test/multipart/big.bin", str(src))
+    assert storage.read_bytes("s3://test/multipart/big.bin") == src.read_bytes()
+    assert storage.list_files("s3://test/multipart") == ["s3://test/multipart/big.bin"]
 
 
 def test_upload_dir_download_dir_round_trip(root: str, tmp_path: Path) -> None:
@@ -178,12 +216,15 @@ def test_wrong_credentials(s3: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_unreachable_endpoint_is_retried_then_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # connection refused
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    sleeps: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
     with pytest.raises(StorageError, match="still failing after retries"):
         storage.read_bytes("s3://test/x")
+    assert len(sleeps) == 5  # 6 attempts
+    assert all(0 < b <= 5.0 for b in sleeps) and sleeps[-1] > sleeps[0]
 
 
 class FakeTransient(Exception):
@@ -233,6 +274,7 @@ def test_pyarrow_fs_parquet_round_trip(s3: SeaweedFS) -> None:
     pq.write_table(table, path, filesystem=fs)
     assert pq.read_table(path, filesystem=fs).equals(table)
     assert storage.list_files("s3://test/parquet") == ["s3://test/parquet/metrics.parquet"]
+    assert s3.secret_key.encode() not in pickle.dumps(fs)  # safe to ship to Ray workers
 
 
 def test_ray_data_reads_s3_parquet_from_env(s3: SeaweedFS) -> None:

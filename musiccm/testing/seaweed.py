@@ -31,6 +31,7 @@ from typing import Any, Self
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 # Component -> (HTTP port flag, gRPC port flag); every one gets a free port.
 _PORT_FLAGS = {
@@ -117,7 +118,7 @@ class SeaweedFS:
         }
 
     def start(self) -> Self:
-        """Start the server and block until its S3 API answers; retries once on a port race."""
+        """Start the server and block until its S3 API answers (new ports up to 3 times on a port race)."""
         if self._proc is not None:
             return self
         if self.data_dir is None:
@@ -131,17 +132,16 @@ class SeaweedFS:
                 return self
             except RuntimeError as exc:
                 self._kill()
-                if "address already in use" not in str(exc) or attempt == 2:
+                port_race = any(m in str(exc) for m in ("Port allocation failed", "address already in use"))
+                if not port_race or f"port {self.port} " in str(exc) or attempt == 2:
                     self._cleanup_dirs()
                     raise
-        return self
+        raise AssertionError("unreachable")
 
     def _launch(self) -> None:
         """Pick ports, spawn `weed mini` and wait for readiness; raises RuntimeError with the log."""
         names = list(_PORT_FLAGS)
-        ports = free_ports(2 * len(names))
-        if self.port is not None:
-            ports = [p for p in ports if p != self.port]
+        ports = [p for p in free_ports(2 * len(names) + 1) if p != self.port]
         self.ports = {name: ports[2 * i] for i, name in enumerate(names)}
         self.ports.update({f"{name}.grpc": ports[2 * i + 1] for i, name in enumerate(names)})
         if self.port is not None:
@@ -153,9 +153,7 @@ class SeaweedFS:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         assert self._log_path is not None
         with open(self._log_path, "wb") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -169,7 +167,7 @@ class SeaweedFS:
             try:
                 client.list_buckets()
                 return
-            except Exception:  # noqa: BLE001 - any failure here means "not ready yet"
+            except (BotoCoreError, ClientError):  # refused, reset or 5xx: not ready yet
                 time.sleep(0.1)
         raise RuntimeError(f"weed mini not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
@@ -184,7 +182,7 @@ class SeaweedFS:
             config=Config(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"max_attempts": 1, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 s3={"addressing_style": "path"},
             ),
         )

@@ -1,0 +1,116 @@
+"""The one configuration of a batch-generation run, saved in `_RUN.json` and `_SUMMARY.json`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from musiccm.defaults import DEFAULT_MODEL
+
+FORMATS = ("flac", "wav")
+DTYPES = ("float32", "float16", "bfloat16")
+MAX_STEPS = 8
+# Fields that change the audio written for a row: a rerun into the same output must keep them.
+FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "dtype")
+_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Everything a batch run depends on; `ray_jobs/batch_generate.py` flags map 1:1 onto these fields."""
+
+    manifest: str  # Parquet file or prefix of files, local or s3://
+    output: str  # directory or s3:// prefix: audio/, metrics/, errors/, _RUN.json, _SUMMARY.json
+    run_name: str = ""
+    model: str = DEFAULT_MODEL  # MusicLDM-layout directory, s3:// prefix or hub id
+    num_actors: int = 1  # one model replica each (one GPU each when the cluster has GPUs)
+    batch_size: int = 8  # clips per generate() call for clips up to long_threshold_s
+    long_batch_size: int = 1  # clips per call above long_threshold_s (crop fusion, memory ∝ duration)
+    long_threshold_s: float = 20.0
+    crop_batch_size: int = 8  # crop-fusion windows per UNet call
+    hop_frames: int | None = None  # crop-fusion hop in latent frames (None: 3/4 of the window)
+    max_duration: float = 600.0  # longest allowed duration_s; longer rows are rejected
+    default_steps: int = 4  # rows without `steps`
+    default_format: str = "flac"  # rows without `format`
+    metrics_rows_per_shard: int = 1000
+    metrics_flush_s: float = 60.0  # also write a (smaller) shard at least this often
+    strict: bool = False  # any rejected row fails the run before generation starts
+    device: str | None = None  # None: cuda when the cluster has GPUs, else cpu
+    dtype: str = "float32"
+    local_files_only: bool = False  # hub ids: never download
+    clap_score: bool = True  # CLAP text-audio similarity per clip (needs the model's feature_extractor)
+    verify_audio: bool = False  # resume: re-read every finished clip and compare its sha256
+    cpus_per_actor: float | None = None  # Ray CPUs per actor (None: 1 with GPUs, else a share leaving headroom)
+    torch_threads: int | None = None  # intra-op threads per actor on CPU (None: CPUs of the node / actors)
+    no_progress_timeout_s: float | None = None  # Ray Data stall limit (None: max(1800, 60 · max_duration))
+    progress_s: float = 10.0  # seconds between progress lines
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        need(bool(self.manifest), "manifest", "a Parquet file or prefix (local path or s3://)")
+        need(bool(self.output), "output", "a directory or s3:// prefix")
+        need(_is_int(self.num_actors) and self.num_actors >= 1, "num_actors", "an integer ≥ 1")
+        need(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer ≥ 1")
+        need(_is_int(self.long_batch_size) and self.long_batch_size >= 1, "long_batch_size", "an integer ≥ 1")
+        need(_positive(self.long_threshold_s), "long_threshold_s", "a number of seconds > 0")
+        need(_is_int(self.crop_batch_size) and self.crop_batch_size >= 1, "crop_batch_size", "an integer ≥ 1")
+        need(self.hop_frames is None or (_is_int(self.hop_frames) and self.hop_frames >= 1), "hop_frames",
+             "an integer ≥ 1 (≤ the native window) or None")
+        need(_positive(self.max_duration), "max_duration", "a number of seconds > 0")
+        need(_is_int(self.default_steps) and 1 <= self.default_steps <= MAX_STEPS, "default_steps",
+             f"an integer in 1..{MAX_STEPS}")
+        need(self.default_format in FORMATS, "default_format", " | ".join(FORMATS))
+        need(_is_int(self.metrics_rows_per_shard) and self.metrics_rows_per_shard >= 1, "metrics_rows_per_shard",
+             "an integer ≥ 1")
+        need(_positive(self.metrics_flush_s), "metrics_flush_s", "a number of seconds > 0")
+        need(self.dtype in DTYPES, "dtype", " | ".join(DTYPES))
+        need(self.cpus_per_actor is None or _positive(self.cpus_per_actor), "cpus_per_actor", "a number > 0")
+        need(self.torch_threads is None or (_is_int(self.torch_threads) and self.torch_threads >= 1),
+             "torch_threads", "an integer ≥ 1")
+        need(self.no_progress_timeout_s is None or _positive(self.no_progress_timeout_s) or
+             self.no_progress_timeout_s == -1, "no_progress_timeout_s", "seconds > 0, or -1 for no limit")
+        need(_positive(self.progress_s), "progress_s", "a number of seconds > 0")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BatchConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown BatchConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def fingerprint(self) -> dict:
+        """The fields a resumed run must share with the run that started its output."""
+        return {name: getattr(self, name) for name in FINGERPRINT_FIELDS}
+
+    @property
+    def stall_timeout_s(self) -> float:
+        """Ray Data's no-progress limit: long clips can keep an actor busy for many minutes."""
+        if self.no_progress_timeout_s is not None:
+            return self.no_progress_timeout_s
+        return max(1800.0, 60.0 * self.max_duration)
+
+
+def default_run_name(manifest: str, model_name: str) -> str:
+    """`<manifest stem>-<model name>`, reduced to characters that are safe in any path or key."""
+    stem = Path(manifest.rstrip("/")).name.removesuffix(".parquet") or "manifest"
+    model = Path(model_name.rstrip("/")).name or "model"
+    return _NAME_RE.sub("-", f"{stem}-{model}").strip("-.") or "run"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -1,0 +1,169 @@
+"""The Ray Data stage of batch generation: a callable class that loads the model once per actor.
+
+`GeneratorStage(config)(batch)` takes checked manifest rows (a pyarrow Table), generates each
+group of rows that share (duration, steps, guidance) in one `MusicCM.generate` call, writes every
+clip straight to `{output}/audio/{id}.{format}` (atomic, deterministic key: a retried task
+overwrites the same object) and returns only metric rows. Audio never travels through Ray's
+object store. The class imports no Ray and runs the same in a plain loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
+
+import numpy as np
+import pyarrow as pa
+
+from musiccm import audio_io, model, storage
+from musiccm.batch import metrics
+from musiccm.batch.config import BatchConfig
+from musiccm.batch.manifest import CHECKED
+from musiccm.pipeline import GenerationConfig, MusicCM
+
+
+def load_model(uri: str, device: str, dtype: str = "float32", local_files_only: bool = False):
+    """Load a model and describe it; an s3:// model is fetched to a private temp dir, hashed, then removed.
+
+    A private directory per actor (not the shared per-node cache) means two actors on a node never
+    read each other's half-downloaded files.
+    """
+    import torch
+
+    cache = tempfile.mkdtemp(prefix="musiccm-model-") if storage.is_s3(uri) else None
+    try:
+        components = model.load(uri, device=device, dtype=getattr(torch, dtype),
+                                 local_files_only=local_files_only, cache_dir=cache)
+        content = model.content_hash(components.path) if components.path else None
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+    info = {
+        "name": str(components.extra.get("name") or components.name),
+        "uri": uri,
+        "hash": content,
+        "trained": components.extra.get("trained"),
+    }
+    return components, info
+
+
+def node_identity() -> str:
+    """The Ray node id inside a Ray worker, else the host name (no Ray import here)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            return ray.get_runtime_context().get_node_id()
+        except Exception:
+            pass
+    return socket.gethostname()
+
+
+def device_name(device: str) -> str:
+    """e.g. `cuda:0 (NVIDIA H100 80GB HBM3)` or `cpu`."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return dev.type
+
+
+class GeneratorStage:
+    """Callable class for `Dataset.map_batches`: one model replica per actor."""
+
+    def __init__(self, config: BatchConfig, device: str | None = None, torch_threads: int | None = None) -> None:
+        import torch
+
+        _quiet_libraries()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.config = config
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.components, self.model_info = load_model(config.model, self.device, config.dtype,
+                                                      config.local_files_only)
+        self.generator = MusicCM(self.components, GenerationConfig(
+            steps=config.default_steps, hop_frames=config.hop_frames, crop_batch_size=config.crop_batch_size,
+            max_duration=config.max_duration))
+        self.native_s = self.components.geometry.native_duration
+        self.uses_guidance = self.components.has_guidance_embedding or not self.components.is_consistency
+        self.node_id = node_identity()
+        self.device_label = device_name(self.device)
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="audio-write")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Checked manifest rows → stage rows (metric columns + `error`), one per input row."""
+        carried = pa.schema([f for f in batch.schema if f.name not in CHECKED.names])
+        rows = batch.to_pylist()
+        out: list[dict] = []
+
+        def key(row: dict) -> tuple:
+            return (row["duration_s"] or self.native_s, row["steps"], row["guidance_scale"])
+
+        for _, group in groupby(sorted(rows, key=lambda r: tuple(_sortable(k) for k in key(r))), key=key):
+            out += self._generate(list(group))
+        return metrics.to_table(out, metrics.stage_schema(carried))
+
+    def _generate(self, rows: list[dict]) -> list[dict]:
+        """One generate() call for rows sharing (duration, steps, guidance); write clips; metric rows."""
+        first = rows[0]
+        duration = first["duration_s"] or self.native_s
+        cfg = GenerationConfig(
+            steps=first["steps"], guidance_scale=first["guidance_scale"], hop_frames=self.config.hop_frames,
+            crop_batch_size=self.config.crop_batch_size, max_duration=self.config.max_duration,
+        )
+        prompts = [r["prompt"] for r in rows]
+        start = time.perf_counter()
+        try:
+            result = self.generator.generate(prompts, duration, [r["seed"] for r in rows], cfg)
+            clap = (metrics.clap_scores(self.components, prompts, result.waveforms, result.sample_rate)
+                    if self.config.clap_score else [None] * len(rows))
+        except Exception as exc:
+            return [metrics.failure_row(r, exc, self.node_id, self.device_label) for r in rows]
+        seconds = (time.perf_counter() - start) / len(rows)
+        # Encode and write concurrently (S3 latency); a StorageError here stops the job.
+        written = list(self._io.map(self._write, rows, list(result.waveforms), [result.sample_rate] * len(rows)))
+        guidance = result.config.guidance_scale if self.uses_guidance else None
+        return [
+            metrics.metric_row(
+                row, waveform=wav, sample_rate=result.sample_rate, audio=audio, model=self.model_info,
+                guidance_scale=guidance, truncated=truncated, clap=score, generation_s=seconds,
+                batch_clips=len(rows), node_id=self.node_id, device=self.device_label,
+            )
+            for row, wav, audio, truncated, score in zip(
+                rows, result.waveforms, written, result.truncated, clap, strict=True
+            )
+        ]
+
+    def _write(self, row: dict, waveform: np.ndarray, sample_rate: int) -> metrics.AudioFile:
+        """Encode one clip and write it atomically to its deterministic key."""
+        tags = {"prompt": row["prompt"], "id": row["id"], "seed": row["seed"], "steps": row["steps"],
+                "model": self.model_info["name"], "model_hash": self.model_info["hash"]}
+        data = audio_io.encode(waveform, sample_rate, row["format"], tags)
+        uri = storage.join(self.config.output, "audio", f"{row['id']}.{row['format']}")
+        storage.write_bytes(uri, data)
+        return metrics.AudioFile(uri=uri, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _sortable(value: object) -> tuple:
+    """Sort key that puts None first and never compares None with a number."""
+    return (value is not None, value if value is not None else 0)
+
+
+def _quiet_libraries() -> None:
+    """No progress bars or info logs from diffusers/transformers in actor logs."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

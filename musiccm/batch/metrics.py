@@ -1,0 +1,203 @@
+"""Per-clip metric rows, their Parquet schema, newest-row-per-id dedupe and atomic shard writing."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from musiccm import audio_io, storage
+
+# Core columns of every metric row; carried-through manifest columns follow them.
+METRIC_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("duration_s", pa.float64()),
+        ("num_samples", pa.int64()),
+        ("sample_rate", pa.int32()),
+        ("seed", pa.int64()),
+        ("steps", pa.int64()),
+        ("guidance_scale", pa.float64()),  # null when the model ignores guidance (student without w-embedding)
+        ("format", pa.string()),
+        ("model", pa.string()),  # the model's name (model_index.json "musiccm.name", else what was passed)
+        ("model_uri", pa.string()),
+        ("model_hash", pa.string()),  # musiccm.model.content_hash of the loaded directory
+        ("audio_uri", pa.string()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),  # of the audio file's bytes
+        ("peak_dbfs", pa.float64()),
+        ("rms_dbfs", pa.float64()),
+        ("clipped_fraction", pa.float64()),
+        ("silent_fraction", pa.float64()),
+        ("clap_score", pa.float64()),  # cosine(CLAP text, CLAP audio); null without an audio front end
+        ("prompt_truncated", pa.bool_()),
+        ("generation_s", pa.float64()),  # this clip's share of its generate() call
+        ("rtf", pa.float64()),  # real-time factor: generation_s / duration_s (< 1: faster than real time)
+        ("batch_clips", pa.int32()),  # clips generated together in that call
+        ("node_id", pa.string()),
+        ("device", pa.string()),
+        ("finished_at", pa.timestamp("ms", tz="UTC")),  # newest row per id wins on dedupe
+    ]
+)
+METRIC_FIELDS = tuple(METRIC_SCHEMA.names)
+ERROR_FIELD = pa.field("error", pa.string())  # stage output only: null for a clip that was written
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """Where a clip was written and what its bytes are."""
+
+    uri: str
+    bytes: int
+    sha256: str
+
+
+def metric_schema(carried: pa.Schema) -> pa.Schema:
+    """Schema of metric shards: the core columns, then the carried-through manifest columns."""
+    return pa.schema([*METRIC_SCHEMA, *carried])
+
+
+def stage_schema(carried: pa.Schema) -> pa.Schema:
+    """Schema of the generator stage's output: metric columns plus `error`."""
+    return pa.schema([*metric_schema(carried), ERROR_FIELD])
+
+
+def clap_scores(components, prompts: list[str], waveforms: np.ndarray, sample_rate: int) -> list[float | None]:
+    """Cosine similarity of each prompt's and clip's CLAP embeddings (both L2-normalised); None without audio tower."""
+    from musiccm import external
+
+    audio = external.encode_audio(components, list(waveforms), sample_rate)
+    if audio is None:
+        return [None] * len(prompts)
+    text, _ = external.encode_text(components, prompts)
+    return [float(s) for s in (text.to(audio.device) * audio).sum(-1).cpu()]
+
+
+def metric_row(
+    request: dict,
+    *,
+    waveform: np.ndarray,
+    sample_rate: int,
+    audio: AudioFile,
+    model: dict,
+    guidance_scale: float | None,
+    truncated: bool,
+    clap: float | None,
+    generation_s: float,
+    batch_clips: int,
+    node_id: str,
+    device: str,
+) -> dict:
+    """One metric row for a written clip; `request` is the checked manifest row (carried columns included)."""
+    duration = len(waveform) / sample_rate
+    return {
+        **request,
+        "duration_s": duration if request.get("duration_s") is None else request["duration_s"],
+        "num_samples": len(waveform),
+        "sample_rate": sample_rate,
+        "guidance_scale": guidance_scale,
+        "model": model["name"],
+        "model_uri": model["uri"],
+        "model_hash": model["hash"],
+        "audio_uri": audio.uri,
+        "bytes": audio.bytes,
+        "sha256": audio.sha256,
+        **audio_io.stats(waveform),
+        "clap_score": clap,
+        "prompt_truncated": truncated,
+        "generation_s": generation_s,
+        "rtf": generation_s / duration if duration > 0 else None,
+        "batch_clips": batch_clips,
+        "node_id": node_id,
+        "device": device,
+        "finished_at": datetime.now(UTC),
+        "error": None,
+    }
+
+
+def failure_row(request: dict, error: BaseException, node_id: str, device: str) -> dict:
+    """A stage output row for a clip that could not be generated (goes to errors/, never to metrics/)."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:500]
+    return {**request, "node_id": node_id, "device": device, "finished_at": datetime.now(UTC),
+            "error": f"generation failed: {type(error).__name__}: {first_line}"}
+
+
+def to_table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
+    """Rows → table of exactly `schema` (missing keys are null, extra keys dropped)."""
+    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+
+
+def dedupe_newest(table: pa.Table) -> pa.Table:
+    """One row per id: the latest `finished_at`, ties going to the later row (later shard)."""
+    if table.num_rows == 0:
+        return table
+    keyed = table.append_column("_order", pa.array(np.arange(table.num_rows)))
+    recency = [("finished_at", "ascending")] if "finished_at" in table.column_names else []
+    ranked = keyed.sort_by([*recency, ("_order", "ascending")])
+    ranked = ranked.append_column("_rank", pa.array(np.arange(ranked.num_rows)))
+    newest = ranked.group_by("id", use_threads=False).aggregate([("_rank", "max")]).column("_rank_max")
+    kept = ranked.take(newest)  # rank r sits at row r of `ranked`
+    return kept.sort_by([("_order", "ascending")]).drop_columns(["_order", "_rank"])
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes (zstd)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Buffer rows and write them as atomic Parquet shards `{directory}/{prefix}-{n:05d}.parquet`.
+
+    A shard is written when `rows_per_shard` rows are buffered, when `flush_s` has passed since the
+    last write, and on :meth:`close`. With `unique_ids`, a newer row for an id still in the buffer
+    replaces the older one (a retried task re-sends its rows); readers dedupe across shards.
+    """
+
+    def __init__(
+        self, directory: str, prefix: str, schema: pa.Schema, rows_per_shard: int, flush_s: float,
+        unique_ids: bool = True,
+    ) -> None:
+        self.directory, self.prefix, self.schema = directory, prefix, schema
+        self.rows_per_shard, self.flush_s, self.unique_ids = rows_per_shard, flush_s, unique_ids
+        self._buffer: dict[str, dict] | list[dict] = {} if unique_ids else []
+        self._last_write = time.monotonic()
+        self.shards: list[str] = []
+        self.rows_written = 0
+
+    def add(self, rows: Sequence[dict]) -> None:
+        """Buffer rows; write full shards (and a partial one if `flush_s` has passed)."""
+        for row in rows:
+            if isinstance(self._buffer, dict):
+                self._buffer.pop(row["id"], None)
+                self._buffer[row["id"]] = row
+            else:
+                self._buffer.append(row)
+        while len(self._buffer) >= self.rows_per_shard:
+            self._write(self.rows_per_shard)
+        if self._buffer and time.monotonic() - self._last_write >= self.flush_s:
+            self._write(len(self._buffer))
+
+    def close(self) -> None:
+        """Write whatever is buffered."""
+        if self._buffer:
+            self._write(len(self._buffer))
+
+    def _write(self, n: int) -> None:
+        rows = list(self._buffer.values()) if isinstance(self._buffer, dict) else list(self._buffer)
+        chunk, rest = rows[:n], rows[n:]
+        uri = storage.join(self.directory, f"{self.prefix}-{len(self.shards):05d}.parquet")
+        storage.write_bytes(uri, table_bytes(to_table(chunk, self.schema)))
+        self.shards.append(uri)
+        self.rows_written += len(chunk)
+        self._buffer = {r["id"]: r for r in rest} if isinstance(self._buffer, dict) else rest
+        self._last_write = time.monotonic()

@@ -1,0 +1,186 @@
+"""The one frozen config of a distillation run (STYLE.md §5), saved in every checkpoint and export.
+
+Guidance convention: ``w`` is LCM's / MusicCM's guidance weight (MusicCM eq. 5–6,
+x̂ = x + (1+w)·Ψ(x, c) − w·Ψ(x, ∅)). The diffusers ``guidance_scale`` equals ``w + 1``: the default
+w = 2.0 is diffusers guidance_scale 3.0; MusicLDM's own default guidance_scale 2.0 is w = 1.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from musiccm.defaults import DEFAULT_MODEL
+
+LOSS_TYPES = ("huber", "l2")
+FEATURE_NETWORKS = ("audiomae", "clap")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+GUIDANCE_EMBEDDING_DIM = 256  # LCM's w-embedding width (diffusers train_lcm_distill_sd_wds.py)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything a consistency-distillation run needs; JSON-able via :meth:`to_dict` / :meth:`from_dict`."""
+
+    # --- where things are
+    teacher: str = DEFAULT_MODEL  # local MusicLDM-layout dir, s3:// prefix or hub id
+    train_manifest: str = ""  # Parquet with `uri` (string) or `audio` (binary), optional `caption`
+    name: str = "musiccm-distill"
+    storage: str | None = None  # run storage root (local dir or s3://); None = local default
+    output: str | None = None  # export directory; None = under the run
+    # --- scale
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_steps: int = 1000
+    batch_size: int = 4  # per worker
+    # --- optimisation
+    lr: float = 1e-5  # student AdamW lr (MusicCM / LCM)
+    # Discriminator heads are small, new (random init) and must become informative while the student
+    # only fine-tunes from a good init: a 10× larger lr (two-time-scale update rule, Heusel et al. 2017;
+    # SAGAN uses 4×) lets them keep up; the hinge loss and R1 keep them from running away.
+    disc_lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"; only used on GPU
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LCM-LoRA style adapters on the student UNet
+    # --- consistency distillation (DESIGN.md §3)
+    num_ddim_timesteps: int = 50
+    k_skip: int = 1  # AudioLCM multi-step solver: t_n = t_{n+k} − 20·k
+    w: float = 2.0  # LCM convention; diffusers guidance_scale = w + 1 = 3.0
+    w_min: float | None = None  # [w_min, w_max] ⇒ student gets a guidance embedding (time_cond_proj_dim=256)
+    w_max: float | None = None
+    ema_rate: float = 0.95
+    loss_type: str = "huber"
+    huber_c: float = 0.001
+    distill_weight: float = 3.0  # λ in MusicCM eq. 9: L = L_adv^G + λ·L_distil
+    # --- adversarial term (MusicCM eq. 7–8)
+    adv_weight: float = 1.0  # 0 = the "w/o L_adv" ablation (no discriminator is built)
+    feature_network: str = "audiomae"  # "audiomae" (ViT-B) | "clap" (teacher's CLAP audio tower)
+    audiomae_path: str | None = None  # local .safetensors with AudioMAE weights; None = random init (warned)
+    # R1 on the heads' input features (StyleGAN-T / ADD): the features are LayerNorm-scaled, so their
+    # gradients are O(1) and γ = 1 (StyleGAN2's low-resolution setting) regularises without dominating.
+    r1_gamma: float = 1.0
+    disc_layers: tuple[int, ...] = (2, 5, 8, 11)  # 0-based blocks of a 12-block ViT-B, evenly spaced
+    crop_seconds: float | None = None  # None = the teacher's native window
+    # --- bookkeeping
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500
+    validation_prompts: tuple[str, ...] = (
+        "upbeat electronic dance music with a driving bass line",
+        "calm solo piano, slow and melancholic",
+        "energetic rock song with distorted guitars and drums",
+        "jazz trio with walking bass, brushed drums and piano",
+    )
+    validation_steps: tuple[int, ...] = (1, 2, 4)
+    max_failures: int = 0
+    seed: int = 0
+    tiny_feature_network: bool = False  # tests: a small random ViT with the same interface as ViT-B
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def has_w_range(self) -> bool:
+        """True when w is sampled from [w_min, w_max] and the student embeds it."""
+        return self.w_min is not None and self.w_max is not None
+
+    @property
+    def guidance_scale(self) -> float:
+        """The fixed ``w`` in diffusers' convention (w + 1)."""
+        return self.w + 1.0
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        """A copy with ``changes`` applied (validated)."""
+        out = dataclasses.replace(self, **changes)
+        out.validate()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``; the result is validated."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown DistillConfig keys {unknown}; allowed keys: {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and the allowed values."""
+
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        def finite(x: Any) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        def integer(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(isinstance(self.teacher, str) and bool(self.teacher), "teacher", "a non-empty model path or hub id")
+        need(isinstance(self.train_manifest, str), "train_manifest", "a path or s3:// uri string")
+        need(isinstance(self.name, str) and bool(self.name) and "/" not in self.name and ".." not in self.name,
+             "name", "a non-empty run name without '/' or '..'")
+        need(integer(self.num_workers) and self.num_workers >= 1, "num_workers", "an integer >= 1")
+        need(integer(self.max_steps) and self.max_steps >= 1, "max_steps", "an integer >= 1")
+        need(integer(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1 (per worker)")
+        need(finite(self.lr) and 0 < self.lr <= 1, "lr", "a float in (0, 1]")
+        need(finite(self.disc_lr) and 0 < self.disc_lr <= 1, "disc_lr", "a float in (0, 1]")
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a float >= 0")
+        need(integer(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(finite(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0 (0 = off)")
+        need(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"one of {MIXED_PRECISIONS}")
+        need(integer(self.lora_rank) and self.lora_rank >= 0, "lora_rank", "an integer >= 0 (0 = full fine-tuning)")
+        need(integer(self.num_ddim_timesteps) and 1 <= self.num_ddim_timesteps <= 1000 and
+             1000 % self.num_ddim_timesteps == 0, "num_ddim_timesteps", "an integer in 1..1000 that divides 1000")
+        need(integer(self.k_skip) and 1 <= self.k_skip < self.num_ddim_timesteps, "k_skip",
+             f"an integer in 1..{self.num_ddim_timesteps - 1}")
+        need(finite(self.w) and self.w >= 0, "w", "a float >= 0 (LCM convention; diffusers guidance_scale = w + 1)")
+        need((self.w_min is None) == (self.w_max is None), "w_min", "set both w_min and w_max, or neither")
+        if self.has_w_range:
+            need(finite(self.w_min) and self.w_min >= 0, "w_min", "a float >= 0")
+            need(finite(self.w_max) and self.w_max >= self.w_min, "w_max", f"a float >= w_min={self.w_min}")
+        need(finite(self.ema_rate) and 0 <= self.ema_rate < 1, "ema_rate", "a float in [0, 1)")
+        need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}")
+        need(finite(self.huber_c) and self.huber_c > 0, "huber_c", "a float > 0")
+        need(finite(self.distill_weight) and self.distill_weight >= 0, "distill_weight", "a float >= 0")
+        need(finite(self.adv_weight) and self.adv_weight >= 0, "adv_weight", "a float >= 0 (0 = w/o L_adv)")
+        need(self.distill_weight > 0 or self.adv_weight > 0, "distill_weight",
+             "> 0, or adv_weight > 0 (at least one loss term)")
+        need(self.feature_network in FEATURE_NETWORKS, "feature_network", f"one of {FEATURE_NETWORKS}")
+        need(self.audiomae_path is None or (isinstance(self.audiomae_path, str) and bool(self.audiomae_path)),
+             "audiomae_path", "None or a path to a .safetensors file")
+        need(finite(self.r1_gamma) and self.r1_gamma >= 0, "r1_gamma", "a float >= 0")
+        need(isinstance(self.disc_layers, tuple) and len(self.disc_layers) >= 1 and
+             all(integer(i) and i >= 0 for i in self.disc_layers) and
+             len(set(self.disc_layers)) == len(self.disc_layers), "disc_layers",
+             "a non-empty tuple of distinct block indices >= 0")
+        need(self.crop_seconds is None or (finite(self.crop_seconds) and self.crop_seconds > 0), "crop_seconds",
+             "None (native window) or a float > 0")
+        need(integer(self.checkpoint_every) and self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
+        need(integer(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
+        need(integer(self.validate_every) and self.validate_every >= 0, "validate_every", "an integer >= 0 (0 = off)")
+        need(isinstance(self.validation_prompts, tuple) and all(isinstance(p, str) for p in self.validation_prompts),
+             "validation_prompts", "a tuple of strings")
+        need(isinstance(self.validation_steps, tuple) and
+             all(integer(s) and 1 <= s <= self.num_ddim_timesteps for s in self.validation_steps),
+             "validation_steps", f"a tuple of integers in 1..{self.num_ddim_timesteps}")
+        need(integer(self.max_failures) and self.max_failures >= -1, "max_failures", "an integer >= -1 (-1 = forever)")
+        need(integer(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        need(isinstance(self.tiny_feature_network, bool), "tiny_feature_network", "True or False")
+        need(isinstance(self.use_gpu, bool), "use_gpu", "True or False")
+        need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")

@@ -1,0 +1,203 @@
+"""Training data: manifest rows (audio bytes or a uri, optional caption) → latents, conditions and mels.
+
+Every row goes through MusicLDM's own data path: decode (soundfile) → downmix → resample to the model
+rate → random crop / zero-pad to the training window → DC removal and peak normalisation to 0.5
+(AudioLDM/MusicLDM ``normalize_wav``) → log-mel (:mod:`musiccm.mel`) → frozen VAE encoder × scaling_factor.
+The condition is the CLAP text embedding of the caption, or, for a row without caption, the clip's own
+CLAP audio embedding (MusicLDM was trained on audio embeddings). A row that cannot be read or decoded is
+skipped and counted with its reason; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from musiccm import external, storage
+from musiccm.distill.config import DistillConfig
+from musiccm.mel import MelConfig, fit_frames, log_mel
+from musiccm.model import MusicLDMComponents
+
+MAX_REASON = 240  # characters kept of one skip reason
+
+
+class ManifestError(ValueError):
+    """A training manifest that cannot be used, with what is allowed."""
+
+
+ALLOWED = (
+    "a training manifest needs a `uri` column (string: local path or s3:// uri) or an `audio` column "
+    "(binary: encoded audio, e.g. FLAC/WAV/OGG bytes), and may have a `caption` column (string; "
+    "missing or empty captions condition on the clip's own CLAP audio embedding); other columns are ignored"
+)
+
+
+def check_manifest_schema(schema: pa.Schema) -> None:
+    """Raise :class:`ManifestError` unless ``schema`` has a usable ``uri``/``audio`` column (and a string caption)."""
+    names = set(schema.names)
+    problems = []
+    if "uri" not in names and "audio" not in names:
+        problems.append(f"it has neither `uri` nor `audio` (columns: {sorted(names) or 'none'})")
+    if "uri" in names and not (pa.types.is_string(schema.field("uri").type) or
+                               pa.types.is_large_string(schema.field("uri").type)):
+        problems.append(f"`uri` has type {schema.field('uri').type}, not string")
+    if "audio" in names and not (pa.types.is_binary(schema.field("audio").type) or
+                                 pa.types.is_large_binary(schema.field("audio").type)):
+        problems.append(f"`audio` has type {schema.field('audio').type}, not binary")
+    if "caption" in names and not (pa.types.is_string(schema.field("caption").type) or
+                                   pa.types.is_large_string(schema.field("caption").type) or
+                                   pa.types.is_null(schema.field("caption").type)):
+        problems.append(f"`caption` has type {schema.field('caption').type}, not string")
+    if problems:
+        raise ManifestError(f"bad training manifest: {'; '.join(problems)}. Allowed: {ALLOWED}")
+
+
+@dataclass
+class PreparedBatch:
+    """One training batch on the model's device; B may be 0 when every row was bad."""
+
+    latents: torch.Tensor  # (B, C, T, F) float32, VAE latents × scaling_factor
+    cond: torch.Tensor  # (B, D) float32, L2-normalised CLAP embeddings
+    mel: torch.Tensor  # (B, T_mel, n_mels) float32, MusicLDM log-mel of the same crops
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+    audio_conditioned: int = 0  # rows conditioned on their own CLAP audio embedding (no caption)
+
+    @property
+    def size(self) -> int:
+        return int(self.latents.shape[0])
+
+
+def window_samples(frozen: MusicLDMComponents, crop_seconds: float | None) -> int:
+    """Samples of one training crop: a whole number of latent frames (the UNet's multiple) in samples."""
+    g = frozen.geometry
+    latent = g.window_frames if crop_seconds is None else g.latent_frames(crop_seconds)
+    return latent * g.vae_factor * g.hop_length
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [0, high] (inclusive)."""
+    return int(torch.randint(0, high + 1, (1,), generator=generator).item()) if high > 0 else 0
+
+
+def _row_bytes(rows: dict[str, Any], i: int) -> tuple[bytes, str]:
+    audio = rows["audio"][i] if "audio" in rows else None
+    if audio is not None and not (isinstance(audio, float) and math.isnan(audio)) and len(audio) > 0:
+        return bytes(audio), "audio bytes"
+    uri = rows["uri"][i] if "uri" in rows else None
+    if isinstance(uri, str) and uri:
+        return storage.read_bytes(uri), uri
+    raise ValueError("row has no audio bytes and no uri")
+
+
+def decode_crop(
+    data: bytes, sample_rate: int, num_samples: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Decode audio bytes, downmix, take a random crop (reading only that part) and resample → (num_samples,)."""
+    import soundfile as sf
+    import torchaudio.functional as AF
+
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        src_rate, total = int(f.samplerate), int(f.frames)
+        if total <= 0:
+            raise ValueError("no audio samples")
+        need = math.ceil(num_samples * src_rate / sample_rate)
+        start = _randint(total - need, generator)  # random crop position, in source samples
+        if start:
+            f.seek(start)
+        x = f.read(min(need, total), dtype="float32", always_2d=True)  # (S, channels)
+    if x.shape[0] == 0:
+        raise ValueError("no audio samples")
+    if not np.isfinite(x).all():
+        raise ValueError("non-finite samples")
+    wav = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1)))  # downmix
+    if src_rate != sample_rate:
+        wav = AF.resample(wav, src_rate, sample_rate)
+    return fit_frames(wav, num_samples, dim=0)  # zero-pad a short clip at the end
+
+
+def normalize_wav(wav: torch.Tensor) -> torch.Tensor:
+    """MusicLDM/AudioLDM ``normalize_wav``: remove the mean, scale the peak to 0.5."""
+    wav = wav - wav.mean()
+    return 0.5 * wav / (wav.abs().max() + 1e-8)
+
+
+def encode_mel(frozen: MusicLDMComponents, mel: torch.Tensor) -> torch.Tensor:
+    """Log-mel (B, T, n_mels) → VAE latents (B, C, T/4, n_mels/4) × scaling_factor (posterior mode).
+
+    The mode, not a sample: deterministic (the data target adds no noise of its own), and a trained
+    VAE's posterior std is tiny next to the diffusion noise added right after.
+    """
+    vae = frozen.vae
+    posterior = vae.encode(mel.unsqueeze(1).to(vae.dtype)).latent_dist
+    return posterior.mode().float() * vae.config.scaling_factor
+
+
+def _caption(rows: dict[str, Any], i: int) -> str:
+    value = rows["caption"][i] if "caption" in rows else None
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _fail(i: int, where: str, exc: BaseException) -> str:
+    return f"row {i} ({where}): {type(exc).__name__}: {exc}"[:MAX_REASON]
+
+
+@torch.no_grad()
+def prepare_batch(
+    rows: dict[str, Any],
+    frozen: MusicLDMComponents,
+    config: DistillConfig,
+    generator: torch.Generator | None,
+) -> PreparedBatch:
+    """Rows of a manifest batch (column → list/array) → :class:`PreparedBatch`; bad rows are skipped and counted."""
+    g = frozen.geometry
+    mel_cfg = MelConfig.from_components(frozen)
+    n_samples = window_samples(frozen, config.crop_seconds)
+    n_frames = n_samples // g.hop_length
+    n_rows = len(next(iter(rows.values()))) if rows else 0
+    waves: list[torch.Tensor] = []
+    captions: list[str] = []
+    reasons: list[str] = []
+    # 1. Decode, downmix, crop, resample, normalise: one row at a time, never raising for a bad row.
+    for i in range(n_rows):
+        where = "row"
+        try:
+            data, where = _row_bytes(rows, i)
+            wav = normalize_wav(decode_crop(data, g.sample_rate, n_samples, generator))
+        except Exception as exc:  # a corrupt row of any kind is counted, not fatal
+            reasons.append(_fail(i, where, exc))
+            continue
+        waves.append(wav)
+        captions.append(_caption(rows, i))
+    device = frozen.device
+    latent_shape = (0, g.latent_channels, n_frames // g.vae_factor, g.latent_bins)
+    if not waves:
+        empty = torch.zeros(latent_shape, device=device)
+        cond_dim = int(frozen.unet.config.projection_class_embeddings_input_dim or 512)
+        return PreparedBatch(empty, torch.zeros(0, cond_dim, device=device), torch.zeros(0, n_frames, g.n_mels,
+                             device=device), len(reasons), reasons)
+    wav = torch.stack(waves).to(device)  # (B, S)
+    # 2. MusicLDM log-mel, cropped to the window (the centred STFT gives one extra frame).
+    mel = fit_frames(log_mel(wav, mel_cfg), n_frames)  # (B, T, n_mels)
+    # 3. Frozen VAE encoder (posterior mode) × scaling_factor.
+    latents = encode_mel(frozen, mel)  # (B, C, T/4, F/4)
+    # 4. Conditions: CLAP text embedding of the caption, else the clip's own CLAP audio embedding.
+    text_idx = [i for i, c in enumerate(captions) if c]
+    audio_idx = [i for i, c in enumerate(captions) if not c]
+    parts: dict[int, torch.Tensor] = {}
+    if text_idx:
+        emb, _ = external.encode_text(frozen, [captions[i] for i in text_idx])
+        parts.update({i: e for i, e in zip(text_idx, emb, strict=True)})
+    if audio_idx:
+        emb = external.encode_audio(frozen, [waves[i].numpy() for i in audio_idx], g.sample_rate)
+        if emb is None:  # no CLAP audio front end: fall back to the unconditional ("") embedding
+            emb = external.encode_text(frozen, [""])[0].expand(len(audio_idx), -1)
+        parts.update({i: e for i, e in zip(audio_idx, emb, strict=True)})
+    cond = torch.stack([parts[i] for i in range(len(waves))]).float().to(device)
+    return PreparedBatch(latents, cond, mel.float(), len(reasons), reasons, audio_conditioned=len(audio_idx))

@@ -1,0 +1,1 @@
+"""Job drivers behind the thin `ray_jobs/*.py` entry scripts."""

@@ -1,0 +1,399 @@
+"""Batch generation on Ray Data: manifest → checked rows → GPU/CPU actors → audio + metric shards.
+
+Output layout (local directory or s3:// prefix):
+
+    _RUN.json                     config + fingerprint of the run that owns this output (checked on rerun)
+    _SUMMARY.json                 counts, throughput, model, config, versions of the latest attempt
+    audio/{id}.{flac|wav}         written by the actors, atomically, at deterministic keys
+    metrics/{attempt}-{n}.parquet one row per clip (written by the driver after the clip's audio exists)
+    errors/{attempt}-{n}.parquet  (id, reason) for rejected rows and failed clips of the latest attempt
+
+Steps: (1) before Ray: list the manifest, check every file's schema, probe that the output is
+writable, check the model and the output's fingerprint; (2) read and validate rows with Ray Data
+tasks; (3) on the driver: duplicate ids, rejected rows, ids already done (`resume`); (4) short
+then long clips through an actor pool, each batch one homogeneous block; (5) metric rows stream
+back to the driver, which writes shards and prints progress; (6) summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from musiccm import model, storage
+from musiccm.batch import manifest, metrics, resume
+from musiccm.batch.config import BatchConfig, default_run_name
+from musiccm.batch.generator_stage import GeneratorStage
+from musiccm.batch.manifest import ManifestError
+from musiccm.model import ModelError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class RunConflict(ValueError):
+    """The output already belongs to a run with different generation settings."""
+
+
+# ---------------------------------------------------------------- pre-flight (no Ray)
+
+
+def manifest_files(uri: str) -> list[str]:
+    """The Parquet files of a manifest: the file itself, or every file under a prefix (skipping `_*`, `.*`)."""
+    try:
+        if storage.exists(uri):
+            return [uri]
+        files = storage.list_files(uri)
+    except storage.StorageError as exc:
+        raise ManifestError(f"manifest {exc}") from None
+    files = [f for f in files if not f.rsplit("/", 1)[-1].startswith(("_", "."))]
+    if not files:
+        raise ManifestError(f"manifest {uri}: no such file, and no files under that prefix")
+    return files
+
+
+def manifest_schema(files: list[str]) -> pa.Schema:
+    """Read (footers only) and check every file's schema; return the carried-through columns' schema."""
+    schemas = []
+    for uri in files:
+        fs, path = storage.pyarrow_fs(uri)
+        try:
+            schemas.append((uri, pq.read_schema(path, filesystem=fs)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ManifestError(f"manifest {uri}: not a readable Parquet file ({cause})") from None
+    schema = manifest.unify_schemas(schemas)
+    return manifest.check_schema(schema, files[0] if len(files) == 1 else f"manifest {files[0]} (+{len(files) - 1})")
+
+
+def inspect_model(uri: str) -> dict:
+    """Name, trained flag and (local models) content hash, without loading weights; ModelError if unusable."""
+    info: dict[str, Any] = {"uri": uri, "name": uri.rstrip("/").rsplit("/", 1)[-1], "hash": None, "trained": None}
+    if storage.is_s3(uri):
+        try:
+            index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
+        except storage.StorageError as exc:
+            raise ModelError(f"model {uri}: cannot read model_index.json ({str(exc).partition(': ')[2]})") from None
+    elif os.path.exists(os.path.expanduser(uri)):
+        directory = model.resolve(uri)
+        index = json.loads(open(os.path.join(directory, "model_index.json")).read())
+        info["hash"] = model.content_hash(directory)
+    else:
+        return info  # a hub id: the actors resolve it (with --local-files-only, from the local cache only)
+    extra = index.get("musiccm", {})
+    info.update(name=extra.get("name", info["name"]), trained=extra.get("trained"), note=extra.get("note"))
+    return info
+
+
+def claim_output(config: BatchConfig, model_info: dict, attempt: str) -> None:
+    """Write `_RUN.json`, or check that the run which owns the output used the same generation settings."""
+    uri = storage.join(config.output, "_RUN.json")
+    fingerprint = {**config.fingerprint(), "model": model_info["hash"] or model_info["uri"]}
+    record = {"run_name": config.run_name, "fingerprint": fingerprint, "config": config.to_dict()}
+    if storage.exists(uri):
+        previous = json.loads(storage.read_bytes(uri))
+        old = previous.get("fingerprint", {})
+        changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+        if changed:
+            raise RunConflict(
+                f"{config.output} holds a run with other generation settings ({'; '.join(changed)}); "
+                "resuming would mix them. Use a new --output (or --run-name)."
+            )
+        record["attempts"] = [*previous.get("attempts", []), attempt]
+    else:
+        record["attempts"] = [attempt]
+    storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode())
+
+
+# ---------------------------------------------------------------- Ray parts
+
+
+@dataclass
+class Resources:
+    """How the actor pool is placed."""
+
+    actors: int
+    num_gpus: float
+    num_cpus: float
+    device: str
+    torch_threads: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_resources(config: BatchConfig, cluster: dict[str, float]) -> Resources:
+    """One GPU per actor when the cluster has GPUs; otherwise CPU actors leaving one CPU for other tasks."""
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
+    wants_gpu = config.device is None or config.device.startswith("cuda")
+    notes = []
+    if gpus >= 1 and wants_gpu:
+        actors = min(config.num_actors, int(gpus))
+        if actors < config.num_actors:
+            notes.append(f"--num-actors {config.num_actors} > {int(gpus)} GPUs in the cluster: using {actors}")
+        return Resources(actors, 1, config.cpus_per_actor or 1, config.device or "cuda", config.torch_threads, notes)
+    if config.device is not None and config.device.startswith("cuda"):
+        raise ValueError(f"--device {config.device}: the Ray cluster has no GPUs")
+    spare = max(cpus - 1, cpus / 2)  # headroom: a pool holding every CPU starves the other tasks and hangs
+    actors = max(1, min(config.num_actors, int(spare)))
+    if actors < config.num_actors:
+        notes.append(f"--num-actors {config.num_actors} needs more than the {cpus:g} CPUs less one: using {actors}")
+    share = spare / actors
+    num_cpus = config.cpus_per_actor or (math.floor(share) if share >= 1 else round(share, 2))
+    threads = config.torch_threads or max(1, int(cpus // actors))
+    return Resources(actors, 0, num_cpus, config.device or "cpu", threads, notes)
+
+
+def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig) -> pa.Table:
+    """Read the manifest with Ray Data and validate rows in Ray tasks; the checked table comes to the driver."""
+    import ray
+
+    fs, _ = storage.pyarrow_fs(files[0])
+    paths = [storage.pyarrow_fs(f)[1] for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    checked = ds.map_batches(
+        manifest.check_batch,
+        batch_format="pyarrow",
+        fn_kwargs={"max_duration": config.max_duration, "default_steps": config.default_steps,
+                   "default_format": config.default_format},
+    )
+    tables = [t for t in ray.get(checked.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return manifest.checked_schema(carried).empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink) -> None:
+    """Short clips, then long ones, through a fixed actor pool; every stage row goes to `sink`."""
+    import ray
+
+    is_long = pc.fill_null(pc.greater(todo.column("duration_s"), config.long_threshold_s), False)
+    phases = [(todo.filter(pc.invert(is_long)), config.batch_size), (todo.filter(is_long), config.long_batch_size)]
+    for rows, batch_size in phases:
+        blocks = manifest.plan_batches(rows, batch_size)
+        if not blocks:
+            continue
+        out = ray.data.from_arrow(blocks).map_batches(
+            GeneratorStage,
+            fn_constructor_kwargs={"config": config, "device": res.device, "torch_threads": res.torch_threads},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            # Ray Data's actor pools restart dead actors and retry their tasks without limit by default
+            # (max_restarts=-1, max_task_retries=-1): a SIGKILLed actor's batch is redone at the same keys.
+            compute=ray.data.ActorPoolStrategy(size=min(res.actors, len(blocks))),
+            num_gpus=res.num_gpus or None,
+            num_cpus=res.num_cpus,
+        )
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            sink.add(batch)
+
+
+# ---------------------------------------------------------------- driver-side sink and progress
+
+
+class Sink:
+    """Receives stage rows: metric rows → metric shards, failures → error rows; prints progress."""
+
+    def __init__(self, config: BatchConfig, attempt: str, total: int) -> None:
+        self.config, self.total = config, total
+        self.writer: metrics.ShardWriter | None = None
+        self.attempt = attempt
+        self.generated: dict[str, float] = {}  # id → audio seconds (unique: retried rows count once)
+        self.failures: dict[str, str] = {}
+        self.model_hash: str | None = None
+        self.started = time.monotonic()
+        self._last_print = 0.0
+
+    def add(self, batch: pa.Table) -> None:
+        failed = pc.is_valid(batch.column("error"))
+        for row in batch.filter(failed).select(["id", "error"]).to_pylist():
+            self.failures[row["id"]] = row["error"]
+        ok = batch.filter(pc.invert(failed)).drop_columns(["error"])
+        if ok.num_rows:
+            if self.writer is None:
+                self.writer = metrics.ShardWriter(
+                    storage.join(self.config.output, "metrics"), self.attempt, ok.schema,
+                    self.config.metrics_rows_per_shard, self.config.metrics_flush_s)
+            rows = ok.to_pylist()
+            self.writer.add(rows)
+            for row in rows:
+                self.generated[row["id"]] = row["duration_s"]
+                self.failures.pop(row["id"], None)
+            self.model_hash = self.model_hash or rows[0]["model_hash"]
+        self.progress()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.progress(force=True)
+
+    def progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_print < self.config.progress_s:
+            return
+        self._last_print = now
+        done = len(self.generated) + len(self.failures)
+        elapsed = now - self.started
+        audio = sum(self.generated.values())
+        eta = f", ETA {elapsed / done * (self.total - done):.0f} s" if 0 < done < self.total else ""
+        print(f"[batch] {done}/{self.total} clips ({len(self.failures)} failed), {audio:.1f} audio-s in "
+              f"{elapsed:.0f} s = {audio / max(elapsed, 1e-9):.2f} audio-s/s{eta}", flush=True)
+
+
+def write_errors(output: str, attempt: str, rows: list[dict]) -> None:
+    """This attempt's error shard(s); older attempts' error shards are removed once it is written."""
+    directory = storage.join(output, "errors")
+    old = storage.list_files(directory, suffix=".parquet")
+    if rows:
+        writer = metrics.ShardWriter(directory, attempt, metrics.ERROR_SCHEMA, 100_000, 1e9, unique_ids=False)
+        writer.add(rows)
+        writer.close()
+    for uri in old:
+        if not uri.rsplit("/", 1)[-1].startswith(attempt):
+            storage.delete(uri)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def new_attempt() -> str:
+    """Sortable attempt tag: UTC start time plus a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def versions() -> dict:
+    import diffusers
+    import ray
+    import torch
+    import transformers
+
+    import musiccm
+
+    return {"musiccm": getattr(musiccm, "__version__", None), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "ray": ray.__version__, "pyarrow": pa.__version__}
+
+
+def run(config: BatchConfig) -> dict:
+    """Run (or resume) a batch; return the summary (also written to `_SUMMARY.json`)."""
+    import ray
+
+    started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
+    # 1. Pre-flight, before any Ray work: fail fast with one message.
+    files = manifest_files(config.manifest)
+    carried = manifest_schema(files)
+    storage.check_writable(config.output)
+    model_info = inspect_model(config.model)
+    claim_output(config, model_info, attempt)
+    print(f"[batch] run {config.run_name!r}: {len(files)} manifest file(s) → {config.output}", flush=True)
+    # 2. Ray: read and check rows in tasks.
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_no_progress_timeout_s = config.stall_timeout_s
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        checked = read_checked(files, carried, config)
+        # 3. Driver: duplicates and rejections, then what is already done.
+        valid, errors = manifest.split(checked)
+        state = resume.resume_state(config.output, verify=config.verify_audio)
+        done = pc.is_in(valid.column("id"), value_set=pa.array(sorted(state.done), pa.string()))
+        todo = valid.filter(pc.invert(done))
+        write_errors(config.output, attempt, errors.to_pylist())
+        counts = {"requested": checked.num_rows, "valid": valid.num_rows, "rejected": errors.num_rows,
+                  "skipped_done": valid.num_rows - todo.num_rows, "to_generate": todo.num_rows}
+        print(f"[batch] {counts['requested']} rows: {counts['rejected']} rejected, {counts['skipped_done']} "
+              f"already done, {counts['to_generate']} to generate", flush=True)
+        res = plan_resources(config, ray.cluster_resources())
+        for note in res.notes:
+            print(f"[batch] note: {note}", flush=True)
+        sink = Sink(config, attempt, todo.num_rows)
+        strict_stop = config.strict and errors.num_rows > 0
+        # 4-5. Generate and stream metric rows into shards.
+        if todo.num_rows and not strict_stop:
+            try:
+                generate(todo, config, res, sink)
+            finally:
+                sink.close()
+                failures = [{"id": i, "reason": r} for i, r in sink.failures.items()]
+                if failures:
+                    write_errors(config.output, attempt, errors.to_pylist() + failures)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    # 6. Summary.
+    wall = time.monotonic() - t0
+    audio = sum(sink.generated.values())
+    counts.update(generated=len(sink.generated), failed=len(sink.failures),
+                  in_metrics=len(state.done) + len(sink.generated))
+    status = "ok"
+    if strict_stop:
+        status = f"stopped: --strict and {errors.num_rows} rejected row(s); nothing generated"
+    elif sink.failures:
+        status = f"failed: {len(sink.failures)} clip(s) could not be generated (see errors/)"
+    model_info["hash"] = model_info["hash"] or sink.model_hash
+    summary = {
+        "run_name": config.run_name, "output": config.output, "manifest": config.manifest, "attempt": attempt,
+        "status": status, "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
+        "counts": counts, "audio_seconds": audio, "wall_seconds": wall,
+        "audio_seconds_per_second": audio / wall if wall > 0 else 0.0,
+        "resume": {"recorded": state.recorded, "missing_audio": state.missing_audio,
+                   "mismatched": state.mismatched},
+        "model": model_info,
+        "ray": {"actors": res.actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus, "device": res.device,
+                "torch_threads": res.torch_threads},
+        "config": config.to_dict(), "versions": versions(),
+    }
+    if model_info.get("trained") is False:
+        summary["warning"] = (f"model {model_info['name']!r} is UNTRAINED (random weights, "
+                              f"{model_info.get('note') or 'no note'}): the audio is noise")
+    storage.write_bytes(storage.join(config.output, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """A short human-readable table of a summary."""
+    c, m = summary["counts"], summary["model"]
+    lines = [
+        f"run          {summary['run_name']}  →  {summary['output']}",
+        f"model        {m['name']} (hash {m.get('hash')})",
+        f"rows         {c['requested']} requested, {c['rejected']} rejected, {c['skipped_done']} already done",
+        f"generated    {c['generated']} clips ({c['failed']} failed), {summary['audio_seconds']:.1f} audio-s in "
+        f"{summary['wall_seconds']:.1f} s = {summary['audio_seconds_per_second']:.2f} audio-s/s",
+        f"status       {summary['status']}",
+    ]
+    if summary.get("warning"):
+        lines.append(f"WARNING      {summary['warning']}")
+    return "\n".join(lines)
+
+
+def run_job(config: BatchConfig) -> int:
+    """Run and print; exit code 0 ok, 1 failed clips or --strict rejections, 2 unusable input/output/model."""
+    try:
+        summary = run(config)
+    except (ManifestError, ModelError, RunConflict, storage.StorageError, ValueError) as exc:
+        print(f"batch_generate: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    print(summary_table(summary), flush=True)
+    return EXIT_OK if summary["status"] == "ok" else EXIT_FAILED
+
+
+def resolve_names(manifest_uri: str, model_uri: str, run_name: str | None, output: str | None) -> tuple[str, str]:
+    """(run name, output): defaults `<manifest stem>-<model name>` and `./outputs/<run name>`."""
+    if not run_name:
+        try:
+            name = inspect_model(model_uri)["name"]
+        except ModelError:
+            name = model_uri
+        run_name = default_run_name(manifest_uri, name)
+    return run_name, output or os.path.join("outputs", run_name)

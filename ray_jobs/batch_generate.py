@@ -1,0 +1,84 @@
+"""Batch text-to-music generation on Ray Data: a Parquet manifest of prompts → audio + metric shards.
+
+Local (starts a Ray instance, bundled default model, writes ./outputs/<run-name>/):
+    python ray_jobs/batch_generate.py --manifest examples/prompts.parquet
+Cluster (storage settings from the standard AWS environment, e.g. runtime_env env_vars):
+    ray job submit --working-dir . -- python ray_jobs/batch_generate.py --manifest s3://bucket/prompts.parquet \\
+        --output s3://bucket/gen/run1 --model s3://bucket/models/musiccm-v1 --num-actors 8
+Rerunning the same command resumes: only ids without a finished clip are generated.
+Exit codes: 0 ok; 1 clips failed or --strict rejected rows; 2 unusable manifest, output or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from musiccm.batch.config import BatchConfig
+from musiccm.defaults import DEFAULT_MODEL
+from musiccm.jobs import batch
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--manifest", required=True, help="Parquet file or prefix of files (local or s3://) with columns id, prompt "
+      "and optionally duration_s, seed, steps, guidance_scale, format; other columns are carried into the metrics")
+    a("--output", default=None, help="output directory or s3:// prefix (default ./outputs/<run-name>)")
+    a("--run-name", default=None, help="name of the run (default <manifest stem>-<model name>)")
+    a("--model", default=DEFAULT_MODEL, help="MusicLDM-layout directory, s3:// prefix (fetched once per actor) "
+      "or hub id; default: the bundled UNTRAINED tiny student (it makes noise)")
+    a("--num-actors", type=int, default=1, help="model replicas; one GPU each when the cluster has GPUs (default 1)")
+    a("--batch-size", type=int, default=8, help="clips per generate() call up to --long-threshold-s (default 8)")
+    a("--long-batch-size", type=int, default=1, help="clips per call above --long-threshold-s (default 1)")
+    a("--long-threshold-s", type=float, default=20.0, help="clips longer than this many seconds use "
+      "--long-batch-size (default 20)")
+    a("--crop-batch-size", type=int, default=8, help="crop-fusion windows per UNet call for clips longer than "
+      "the native window (default 8)")
+    a("--hop-frames", type=int, default=None, help="crop-fusion hop in latent frames (default 3/4 of the window)")
+    a("--max-duration", type=float, default=600.0, help="rows with a longer duration_s are rejected (default 600)")
+    a("--default-steps", type=int, default=4, help="sampling steps (1-8) for rows without `steps` (default 4)")
+    a("--default-format", choices=["flac", "wav"], default="flac", help="audio format for rows without `format`")
+    a("--metrics-rows-per-shard", type=int, default=1000, help="metric rows per Parquet shard (default 1000)")
+    a("--metrics-flush-s", type=float, default=60.0, help="also write a metric shard at least this often, so an "
+      "interrupted driver loses little (default 60)")
+    a("--strict", action="store_true", help="fail (exit 1, nothing generated) if any manifest row is rejected")
+    a("--device", default=None, help="torch device of the actors (default: cuda when the cluster has GPUs, else cpu)")
+    a("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+      help="UNet/CLAP dtype (the VAE stays float32 when its config forces upcasting)")
+    a("--local-files-only", action="store_true", help="hub-id models: use the local cache, never download")
+    a("--no-clap-score", action="store_true", help="skip the CLAP text-audio similarity column")
+    a("--verify-audio", action="store_true", help="on resume, re-read finished clips and compare their sha256 "
+      "(default: compare sizes from one listing)")
+    a("--cpus-per-actor", type=float, default=None, help="Ray CPUs per actor (default 1 with GPUs; on CPU-only "
+      "clusters a share that leaves one CPU free)")
+    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default CPUs / actors)")
+    a("--no-progress-timeout-s", type=float, default=None, help="fail when Ray Data makes no progress this long "
+      "(default max(1800, 60 x max-duration); -1: never)")
+    a("--progress-s", type=float, default=10.0, help="seconds between progress lines (default 10)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run_name, output = batch.resolve_names(args.manifest, args.model, args.run_name, args.output)
+        config = BatchConfig(
+            manifest=args.manifest, output=output, run_name=run_name, model=args.model, num_actors=args.num_actors,
+            batch_size=args.batch_size, long_batch_size=args.long_batch_size, long_threshold_s=args.long_threshold_s,
+            crop_batch_size=args.crop_batch_size, hop_frames=args.hop_frames, max_duration=args.max_duration,
+            default_steps=args.default_steps, default_format=args.default_format,
+            metrics_rows_per_shard=args.metrics_rows_per_shard, metrics_flush_s=args.metrics_flush_s,
+            strict=args.strict, device=args.device, dtype=args.dtype, local_files_only=args.local_files_only,
+            clap_score=not args.no_clap_score, verify_audio=args.verify_audio, cpus_per_actor=args.cpus_per_actor,
+            torch_threads=args.torch_threads, no_progress_timeout_s=args.no_progress_timeout_s,
+            progress_s=args.progress_s,
+        )
+    except ValueError as exc:
+        print(f"batch_generate: error: {exc}", file=sys.stderr)
+        return batch.EXIT_USAGE
+    return batch.run_job(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
