@@ -255,7 +255,7 @@ class Distiller:
         self.scaler.step(self.opt_g)
         self.scaler.update()
         ema_update([tp for tp, _ in self._ema_pairs], [sp for _, sp in self._ema_pairs], cfg.ema_rate)
-        metrics = {"distill_loss": float(distill), "adv_g_loss": float(adv_g), "loss": float(loss_g),
+        metrics = {"distill_loss": distill.item(), "adv_g_loss": adv_g.item(), "loss": loss_g.item(),
                    "lr": lr, "grad_norm": grad_norm, "grad_scale": float(self.scaler.get_scale()) if
                    self.scaler.is_enabled() else 1.0}
         # 3. Discriminator step: hinge + γ/2·R1 on the heads' input features of real clips (fp32).
@@ -282,7 +282,7 @@ class Distiller:
         loss_d.backward()
         norm = self._clip(list(self.disc.heads.parameters()))
         self.opt_d.step()
-        return {"adv_d_loss": float(hinge), "r1": float(r1), "disc_grad_norm": norm}
+        return {"adv_d_loss": hinge.item(), "r1": r1.item(), "disc_grad_norm": norm}
 
     # ------------------------------------------------------------------ checkpoints
     def _named_state(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,87 @@
+"""Latency and peak memory of generation on the full-size (random-weight) MusicLDM architecture.
+
+Usage: python benchmarks/generate_latency.py --device cuda --dtype float16 [--durations 10.24 60 600] [--write]
+Rows: teacher DDIM (50 steps, CFG) and the consistency student at 1/2/4 steps; long clips by crop fusion.
+Weights are random, so the figures are about speed and memory, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from musiccm.build import build_components
+from musiccm.pipeline import GenerationConfig, MusicCM
+from musiccm.student import as_student
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_one(gen: MusicCM, duration: float, steps: int, device: str, repeats: int) -> tuple[float, float]:
+    cfg = GenerationConfig(steps=steps, crop_batch_size=gen.config.crop_batch_size, max_duration=3600)
+    gen.generate(["warm-up"], min(duration, 10.24), [0], cfg)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    best = float("inf")
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        gen.generate(["an upbeat jazz tune with piano"], duration, [r], cfg)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, peak_mb(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="UNet dtype")
+    p.add_argument("--durations", type=float, nargs="+", default=[10.24, 60.0], help="clip lengths in seconds")
+    p.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
+    p.add_argument("--teacher-steps", type=int, default=50, help="teacher DDIM steps (0 = skip the teacher)")
+    p.add_argument("--crop-batch-size", type=int, default=8, help="windows per UNet call")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    teacher = build_components("full", seed=0)
+    teacher.unet.to(dtype)
+    teacher.to(args.device)
+    student = as_student(teacher)
+    rows = []
+    for duration in args.durations:
+        runs = [("MusicLDM teacher, DDIM+CFG", teacher, args.teacher_steps)] if args.teacher_steps else []
+        runs += [("consistency student", student, s) for s in args.student_steps]
+        for label, comps, steps in runs:
+            gen = MusicCM(comps, GenerationConfig(crop_batch_size=args.crop_batch_size, max_duration=3600))
+            sec, mem = time_one(gen, duration, steps, args.device, args.repeats if duration <= 60 else 1)
+            rows.append(f"| {label} | {steps} | {duration:g} | {sec:.3f} | {duration / sec:.1f}x | {mem:.0f} |")
+            print(rows[-1], flush=True)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    header = (
+        f"\n### Generation latency, full-size MusicLDM architecture (random weights)\n\n"
+        f"Command: `python {' '.join(sys.argv)}`  \nMachine: {dev}, torch {torch.__version__}, "
+        f"dtype {args.dtype}, crop_batch_size {args.crop_batch_size}  \nDate: {datetime.date.today()}\n\n"
+        "| model | steps | clip s | seconds per clip | x real time | peak MB |\n|---|---|---|---|---|---|\n"
+    )
+    table = header + "\n".join(rows) + "\n"
+    print(table)
+    if args.write:
+        with open("benchmarks/RESULTS.md", "a") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
