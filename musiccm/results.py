@@ -135,12 +135,13 @@ def results_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=5, help="rows to show per table (default 5)")
     args = parser.parse_args(argv)
     try:
+        if not any(storage.exists(storage.join(args.output, name)) for name in ("_SUMMARY.json", "_RUN.json")):
+            print(f"musiccm results: error: no batch run at {args.output} (no _SUMMARY.json or _RUN.json)",
+                  file=sys.stderr)
+            return 2
         report = format_report(args.output, args.top)
     except (storage.StorageError, ValueError) as exc:
         print(f"musiccm results: error: {exc}", file=sys.stderr)
-        return 2
-    if "no summary" in report and "clips" not in report:
-        print(f"musiccm results: error: no batch run found at {args.output}", file=sys.stderr)
         return 2
     print(report)
     return 0

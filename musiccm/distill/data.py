@@ -99,7 +99,10 @@ def _row_bytes(rows: dict[str, Any], i: int) -> tuple[bytes, str]:
 def decode_crop(
     data: bytes, sample_rate: int, num_samples: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Decode audio bytes, downmix, take a random crop (reading only that part) and resample → (num_samples,)."""
+    """Decode audio bytes, downmix, take a random crop (reading only that part) and resample → (≤ num_samples,).
+
+    A clip shorter than the window comes back shorter: normalise it, then pad (:func:`load_clip`).
+    """
     import soundfile as sf
     import torchaudio.functional as AF
 
@@ -119,11 +122,16 @@ def decode_crop(
     wav = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1)))  # downmix
     if src_rate != sample_rate:
         wav = AF.resample(wav, src_rate, sample_rate)
-    return fit_frames(wav, num_samples, dim=0)  # zero-pad a short clip at the end
+    return wav[:num_samples]
+
+
+def load_clip(data: bytes, sample_rate: int, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One training clip (num_samples,): decoded, downmixed, cropped, resampled, normalised, zero-padded."""
+    return fit_frames(normalize_wav(decode_crop(data, sample_rate, num_samples, generator)), num_samples, dim=0)
 
 
 def normalize_wav(wav: torch.Tensor) -> torch.Tensor:
-    """MusicLDM/AudioLDM ``normalize_wav``: remove the mean, scale the peak to 0.5."""
+    """MusicLDM/AudioLDM ``normalize_wav`` (applied before padding, as there): remove the mean, peak to 0.5."""
     wav = wav - wav.mean()
     return 0.5 * wav / (wav.abs().max() + 1e-8)
 
@@ -169,7 +177,7 @@ def prepare_batch(
         where = "row"
         try:
             data, where = _row_bytes(rows, i)
-            wav = normalize_wav(decode_crop(data, g.sample_rate, n_samples, generator))
+            wav = load_clip(data, g.sample_rate, n_samples, generator)
         except Exception as exc:  # a corrupt row of any kind is counted, not fatal
             reasons.append(_fail(i, where, exc))
             continue

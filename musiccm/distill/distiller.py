@@ -128,25 +128,34 @@ class Distiller:
         self.prediction_type = teacher.scheduler.config.prediction_type
         self.teacher_w_dim = teacher.unet.config.get("time_cond_proj_dim")
         self.uncond = external.encode_text(teacher, [""])[0].to(self.device)  # (1, D): MusicLDM's ∅ condition
-        # 2. Student (copy of the teacher's UNet, + guidance embedding for a w range), LoRA, EMA target.
-        unet = build_student_unet(teacher.unet, config.has_w_range)
-        self.w_dim = unet.config.get("time_cond_proj_dim")
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if config.lora_rank > 0:
-            extra = ("time_embedding.cond_proj",) if config.has_w_range else ()
-            unet = add_lora(unet, config.lora_rank, extra)
+        # 2. Student (copy of the teacher's UNet, + guidance embedding for a w range), LoRA, EMA target, and
+        # 3. the discriminator (frozen feature network + trainable heads; none when adv_weight = 0).
+        # New weights (LoRA, heads, a random feature network) come from config.seed, identical on every rank
+        # and in a resumed run, without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet = build_student_unet(teacher.unet, config.has_w_range)
+            self.w_dim = unet.config.get("time_cond_proj_dim")
+            if config.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            if config.lora_rank > 0:
+                extra = ("time_embedding.cond_proj",) if config.has_w_range else ()
+                unet = add_lora(unet, config.lora_rank, extra)
+            self.disc: Discriminator | None = None
+            if config.adv_weight > 0:
+                self.disc = Discriminator(teacher, config, self.mel_frames)
         self.student_module = unet.to(self.device).train()
         self.target = copy.deepcopy(self.student_module).requires_grad_(False).eval()
         self.student = wrap(self.student_module) if wrap else self.student_module
         self._student_params = _trainable(self.student_module)
         target_params = dict(self.target.named_parameters())
         self._ema_pairs = [(target_params[n], p) for n, p in self._student_params]
-        # 3. Discriminator (frozen feature network + trainable heads), unless adv_weight = 0.
-        self.disc: Discriminator | None = None
+        with torch.no_grad():  # DDP may have broadcast rank 0's weights into the student: the target follows
+            for tp, sp in self._ema_pairs:
+                tp.copy_(sp)
         self.heads: nn.Module | None = None
-        if config.adv_weight > 0:
-            self.disc = Discriminator(teacher, config, self.mel_frames).to(self.device).train()
+        if self.disc is not None:
+            self.disc = self.disc.to(self.device).train()
             self.heads = wrap(self.disc.heads) if wrap else self.disc.heads
         # 4. Optimisers: AdamW for the student (LCM); Adam(0, 0.99) for the heads (StyleGAN-T/ADD GAN practice).
         self.opt_g = torch.optim.AdamW([p for _, p in self._student_params], lr=config.lr,

@@ -17,6 +17,7 @@ back to the driver, which writes shards and prints progress; (6) summary.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -79,6 +80,11 @@ def manifest_schema(files: list[str]) -> pa.Schema:
 
 def inspect_model(uri: str) -> dict:
     """Name, trained flag and (local models) content hash, without loading weights; ModelError if unusable."""
+    return dict(_inspect_model(uri))
+
+
+@functools.lru_cache(maxsize=8)
+def _inspect_model(uri: str) -> dict:
     info: dict[str, Any] = {"uri": uri, "name": uri.rstrip("/").rsplit("/", 1)[-1], "hash": None, "trained": None}
     if storage.is_s3(uri):
         try:
@@ -355,8 +361,8 @@ def run(config: BatchConfig) -> dict:
         "config": config.to_dict(), "versions": versions(),
     }
     if model_info.get("trained") is False:
-        summary["warning"] = (f"model {model_info['name']!r} is UNTRAINED (random weights, "
-                              f"{model_info.get('note') or 'no note'}): the audio is noise")
+        summary["warning"] = (f"model {model_info['name']!r} is UNTRAINED ({model_info.get('note') or 'no note'}): "
+                              "the clips are noise, useful only to exercise the pipeline")
     storage.write_bytes(storage.join(config.output, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
     return summary
 

@@ -1,0 +1,480 @@
+"""Batch generation end to end: a real S3 server (SeaweedFS), local Ray, the bundled tiny model.
+
+The job runs as it does for users, `python ray_jobs/batch_generate.py ...` in a subprocess (its own
+local Ray instance), or through `ray start --head` + `ray job submit`. Faults are real: an actor
+process and the driver are SIGKILLed part-way, and the reruns must leave every valid id exactly
+once in `metrics/` and `audio/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from musiccm import storage
+from musiccm.batch import metrics
+from musiccm.batch.config import BatchConfig
+from musiccm.batch.generator_stage import GeneratorStage
+from musiccm.batch.manifest import check_batch
+from musiccm.defaults import DEFAULT_MODEL
+from musiccm.jobs.batch import claim_output, inspect_model
+from musiccm.results import read_errors, read_metrics, read_summary, results_main
+from musiccm.testing.seaweed import SeaweedFS, free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "ray_jobs" / "batch_generate.py")
+SR = 16_000
+NATIVE_S = 1.28  # the bundled tiny model's native window
+MODEL_URI = "s3://data/models/tiny"
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[SeaweedFS]:
+    """SeaweedFS with buckets `data` (manifests, the model) and `gen` (outputs); AWS env set for the module."""
+    with SeaweedFS() as server:
+        server.make_bucket("data")
+        server.make_bucket("gen")
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            storage.upload_dir(DEFAULT_MODEL, MODEL_URI)
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def job_env(s3: SeaweedFS) -> dict[str, str]:
+    """Environment of a job subprocess: S3 settings, and a fresh local Ray instance (never someone else's)."""
+    return {**os.environ, **s3.env, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+
+
+def put_manifest(uri: str, rows: list[dict]) -> None:
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("duration_s", pa.float64()),
+                        ("seed", pa.int64()), ("steps", pa.int64()), ("format", pa.string()),
+                        ("genre", pa.string()), ("n", pa.int32())])
+    storage.write_bytes(uri, metrics.table_bytes(pa.Table.from_pylist(rows, schema=schema)))
+
+
+def short_rows(n: int, prefix: str, duration: float | None = 2.0) -> list[dict]:
+    return [{"id": f"{prefix}{i:02d}", "prompt": f"calm piano number {i}", "duration_s": duration, "n": i}
+            for i in range(n)]
+
+
+def audio_names(output: str) -> list[str]:
+    return [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(output, "audio"))]
+
+
+def raw_metric_ids(output: str) -> list[str]:
+    """Ids over every metric shard, without the reader's dedupe."""
+    ids: list[str] = []
+    for uri in storage.list_files(storage.join(output, "metrics"), suffix=".parquet"):
+        ids += pq.read_table(pa.BufferReader(storage.read_bytes(uri))).column("id").to_pylist()
+    return ids
+
+
+def heads(s3: SeaweedFS, output: str) -> dict[str, tuple[str, object]]:
+    """Key → (ETag, LastModified) of every object under an s3:// output."""
+    bucket, _, prefix = output[len("s3://"):].partition("/")
+    client = s3.client()
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = (obj["ETag"], obj["LastModified"])
+    return out
+
+
+def job_args(manifest_uri: str, output: str, *extra: str) -> list[str]:
+    return [sys.executable, SCRIPT, "--manifest", manifest_uri, "--output", output, "--model", MODEL_URI,
+            "--progress-s", "2", *extra]
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_audio(output: str, proc: subprocess.Popen, at_least: int, timeout_s: float = 240) -> int:
+    """Poll until `at_least` audio objects exist; fail if the job ends first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        n = len(audio_names(output))
+        if n >= at_least:
+            return n
+        assert proc.poll() is None, f"job ended (rc {proc.returncode}) before {at_least} clips existed"
+        time.sleep(0.2)
+    raise AssertionError(f"no {at_least} audio objects after {timeout_s} s")
+
+
+def kill_tree(root_pid: int) -> None:
+    """SIGKILL a process and every descendant (ids taken before the first kill)."""
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=20)
+
+
+def map_workers(root_pid: int) -> list[psutil.Process]:
+    """Ray Data actor processes of our job: descendants of its driver titled `ray::MapWorker(...)`."""
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "MapWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def log_tail(log: Path, n: int = 6000) -> str:
+    return log.read_bytes()[-n:].decode(errors="replace")
+
+
+# ---------------------------------------------------------------- the main flow
+
+
+GOOD = [
+    *short_rows(6, "native-", None),  # the model's native window (1.28 s)
+    *[{**r, "format": "wav", "genre": "jazz"} for r in short_rows(4, "wav-", 2.5)],
+    *[{**r, "steps": 1 + i % 2, "seed": 100 + i} for i, r in enumerate(short_rows(4, "few-", 2.0))],
+    {"id": "long-25", "prompt": "a long cinematic build", "duration_s": 25.0, "n": 100},
+    {"id": "long-30", "prompt": "a long piano piece", "duration_s": 30.0, "n": 101, "format": "wav"},
+]
+BAD = [
+    {"id": "bad id", "prompt": "space in id"},
+    {"id": ".hidden", "prompt": "leading dot"},
+    {"id": "dup", "prompt": "first copy"},
+    {"id": "dup", "prompt": "second copy"},
+    {"id": "empty-prompt", "prompt": "   "},
+    {"id": "zero-length", "prompt": "p", "duration_s": 0.0},
+    {"id": "too-long", "prompt": "p", "duration_s": 41.0},
+    {"id": "nine-steps", "prompt": "p", "steps": 9},
+    {"id": "mp3", "prompt": "p", "format": "mp3"},
+]
+
+
+def expected_files() -> dict[str, int]:
+    """Audio file name → expected sample count for every valid row."""
+    return {f"{r['id']}.{r.get('format') or 'flac'}": round((r.get("duration_s") or NATIVE_S) * SR) for r in GOOD}
+
+
+@pytest.mark.slow
+def test_batch_job_on_s3_strict_actor_kill_and_rerun(s3: SeaweedFS, tmp_path: Path) -> None:
+    manifest_uri, output = "s3://data/main/prompts.parquet", "s3://gen/main"
+    put_manifest(manifest_uri, GOOD[:8] + BAD[:5] + GOOD[8:] + BAD[5:])
+    env = job_env(s3)
+    common = ["--max-duration", "40", "--batch-size", "3", "--metrics-rows-per-shard", "4"]
+
+    # 1. --strict: rejected rows fail the run before any clip is generated.
+    strict = subprocess.run(job_args(manifest_uri, output, *common, "--strict"), env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert "--strict and 9 rejected row(s); nothing generated" in strict.stdout
+    assert audio_names(output) == []
+    assert sorted(read_errors(output).column("id").to_pylist()) == sorted(r["id"] for r in BAD)
+
+    # 2. The run, with its actor SIGKILLed after the first clips exist.
+    log = tmp_path / "run.log"
+    proc = start(job_args(manifest_uri, output, *common), env, log)
+    try:
+        at_kill = wait_for_audio(output, proc, at_least=1)
+        workers = map_workers(proc.pid)
+        assert workers, "no MapWorker process found under the job's driver"
+        for w in workers:
+            w.send_signal(signal.SIGKILL)
+        psutil.wait_procs(workers, timeout=20)
+        killed_pids = {w.pid for w in workers}
+        assert proc.wait(timeout=400) == 0, log_tail(log)
+    finally:
+        kill_tree(proc.pid)
+    assert at_kill < len(GOOD), "the actor was killed only after all the work was done"
+    assert not any(psutil.pid_exists(p) for p in killed_pids)
+    text = log_tail(log, 200_000)
+    assert "died or was killed" in text or "will be retried" in text, text[-4000:]  # Ray saw the death, retried
+
+    # Exactly the valid ids, once each, with the right lengths and formats.
+    files = expected_files()
+    assert sorted(audio_names(output)) == sorted(files)
+    raw = raw_metric_ids(output)
+    assert Counter(raw) == Counter(r["id"] for r in GOOD), "duplicated or missing metric rows after an actor death"
+    assert len(storage.list_files(storage.join(output, "metrics"))) >= 2  # shards of 4 rows (+ time flushes)
+    table = read_metrics(output)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for r in GOOD:
+        row = by_id[r["id"]]
+        name = f"{r['id']}.{r.get('format') or 'flac'}"
+        data = storage.read_bytes(storage.join(output, "audio", name))
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32")
+        info = sf.info(io.BytesIO(data))
+        assert (sr, len(wav), info.format) == (SR, files[name], (r.get("format") or "flac").upper())
+        assert row["num_samples"] == files[name] and row["sample_rate"] == SR
+        assert row["bytes"] == len(data) and row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["audio_uri"] == storage.join(output, "audio", name)
+        assert row["n"] == r["n"] and row["genre"] == r.get("genre")  # carried-through columns
+        assert row["steps"] == (r.get("steps") or 4) and row["model"] == "musiccm-untrained-tiny"
+        assert row["clap_score"] is not None and -1 <= row["clap_score"] <= 1
+        assert row["generation_s"] > 0 and row["rtf"] == pytest.approx(row["generation_s"] / row["duration_s"])
+    assert by_id["few-00"]["seed"] == 100
+    assert by_id["long-30"]["batch_clips"] == 1  # long clips go through --long-batch-size (1)
+    errors = read_errors(output)
+    assert Counter(errors.column("id").to_pylist()) == Counter(r["id"] for r in BAD)
+    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist(), strict=False))
+    assert "above the limit of 40.0 s" in reasons["too-long"] and "duplicate id" in reasons["dup"]
+    summary = read_summary(output)
+    assert summary["status"] == "ok"
+    assert {k: summary["counts"][k] for k in ("requested", "rejected", "generated", "failed", "skipped_done")} == {
+        "requested": len(GOOD) + len(BAD), "rejected": len(BAD), "generated": len(GOOD), "failed": 0,
+        "skipped_done": 0}
+    assert "UNTRAINED" in summary["warning"] and summary["config"]["batch_size"] == 3
+    assert summary["audio_seconds"] == pytest.approx(sum(files.values()) / SR, rel=1e-6)
+
+    # 3. Rerun: nothing is regenerated; no object is rewritten.
+    before = heads(s3, output)
+    rerun = subprocess.run(job_args(manifest_uri, output, *common), env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    summary = read_summary(output)
+    assert summary["counts"]["generated"] == 0 and summary["counts"]["skipped_done"] == len(GOOD)
+    after = heads(s3, output)
+    for key, tag in before.items():
+        if "/audio/" in key or "/metrics/" in key:
+            assert after[key] == tag, f"{key} was rewritten by the rerun"
+    assert sorted(k for k in after if "/metrics/" in k) == sorted(k for k in before if "/metrics/" in k)
+    assert results_main([output]) == 0
+
+
+@pytest.mark.slow
+def test_driver_killed_part_way_then_rerun_finishes_each_id_once(s3: SeaweedFS, tmp_path: Path) -> None:
+    manifest_uri, output = "s3://data/kill/prompts.parquet", "s3://gen/driver-kill"
+    rows = short_rows(10, "k", 2.0)
+    put_manifest(manifest_uri, rows)
+    env = job_env(s3)
+    args = job_args(manifest_uri, output, "--batch-size", "1", "--metrics-rows-per-shard", "1", "--no-clap-score")
+    log = tmp_path / "killed.log"
+    proc = start(args, env, log)
+    try:
+        wait_for_audio(output, proc, at_least=3)
+    finally:
+        kill_tree(proc.pid)  # the driver and the local Ray it started: like losing the machine
+    interrupted = set(raw_metric_ids(output))
+    assert len(audio_names(output)) < len(rows), "the job finished before it was killed"
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert Counter(raw_metric_ids(output)) == Counter(r["id"] for r in rows)
+    assert sorted(audio_names(output)) == sorted(f"{r['id']}.flac" for r in rows)
+    counts = read_summary(output)["counts"]
+    assert counts["skipped_done"] == len(interrupted) and counts["generated"] == len(rows) - len(interrupted)
+
+
+# ---------------------------------------------------------------- ray job submit against a head node
+
+
+@pytest.fixture
+def ray_head(s3: SeaweedFS) -> Iterator[str]:
+    """`ray start --head --block` on free ports in its own temp dir; yields the dashboard (job API) address."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    ports = free_ports(10)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={ports[2]}",
+           f"--node-manager-port={ports[3]}", f"--object-manager-port={ports[4]}",
+           f"--metrics-export-port={ports[5]}", f"--dashboard-agent-listen-port={ports[6]}",
+           f"--dashboard-agent-grpc-port={ports[7]}", f"--runtime-env-agent-port={ports[8]}",
+           f"--min-worker-port={ports[9] % 20000 + 30000}", f"--max-worker-port={ports[9] % 20000 + 30200}",
+           "--object-store-memory=300000000", "--node-ip-address=127.0.0.1"]
+    log = open(Path(temp_dir) / "head.log", "wb")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports[1]}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-4000:]
+                assert time.monotonic() < deadline, "ray head did not come up in 120 s"
+                time.sleep(0.5)
+        yield address
+    finally:
+        kill_tree(head.pid)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in psutil.process_iter(["pid", "cmdline"]):  # stragglers that left the process group
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                kill_tree(p.pid)
+        log.close()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_head_node_writes_to_s3(s3: SeaweedFS, ray_head: str) -> None:
+    manifest_uri, output = "s3://data/submit/prompts.parquet", "s3://gen/submitted"
+    rows = short_rows(3, "s", 2.0) + [{"id": "s-long", "prompt": "long", "duration_s": 25.0, "n": 9}]
+    put_manifest(manifest_uri, rows)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    runtime_env = {"env_vars": {**s3.env, "HF_HUB_OFFLINE": "1"}}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head,
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+           sys.executable, "ray_jobs/batch_generate.py", "--manifest", manifest_uri, "--output", output,
+           "--model", MODEL_URI, "--num-actors", "1", "--no-clap-score"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=REPO)
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-6000:] + done.stderr[-3000:]
+    assert sorted(audio_names(output)) == sorted(f"{r['id']}.flac" for r in rows)
+    summary = read_summary(output)
+    assert summary["counts"]["generated"] == 4 and summary["status"] == "ok"
+    assert summary["ray"]["actors"] == 1
+
+
+# ---------------------------------------------------------------- fail fast, before any actor
+
+
+@functools.cache
+def script_main():
+    """`main` of ray_jobs/batch_generate.py, imported by path (ray_jobs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("batch_generate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run the entry script in process; (exit code, stderr)."""
+    code = script_main()(argv)
+    return code, capsys.readouterr().err
+
+
+def _write(path: Path, table: pa.Table) -> str:
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_schema_errors_fail_fast_with_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    out = tmp_path / "out"
+    not_parquet = tmp_path / "prompts.parquet"
+    not_parquet.write_text("id,prompt\na,jazz\n")
+    cases = {
+        str(not_parquet): "not a readable Parquet file",
+        _write(tmp_path / "nop.parquet", pa.table({"id": ["a"]})): "missing required column(s) prompt",
+        _write(tmp_path / "typ.parquet", pa.table({"id": ["a"], "prompt": ["p"], "duration_s": ["ten"]})):
+            "column 'duration_s' has type string; expected an integer or floating-point type",
+        _write(tmp_path / "seed.parquet", pa.table({"id": ["a"], "prompt": ["p"], "seed": [1.5]})):
+            "column 'seed' has type double; expected an integer type",
+        str(tmp_path / "missing.parquet"): "no such file, and no files under that prefix",
+    }
+    for manifest_uri, needle in cases.items():
+        started = time.monotonic()
+        code, err = run_main(["--manifest", manifest_uri, "--output", str(out)], capsys)
+        assert code == 2, err
+        assert needle in err and err.count("\n") == 1, err  # one line, naming the problem
+        assert time.monotonic() - started < 20
+    assert not ray.is_initialized()
+    assert not out.exists()  # nothing written: no actor, no claim on the output
+
+
+def test_storage_errors_fail_fast(s3: SeaweedFS, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    manifest_uri = "s3://data/fast/prompts.parquet"
+    put_manifest(manifest_uri, short_rows(2, "f"))
+    code, err = run_main(["--manifest", manifest_uri, "--output", "s3://no-such-bucket/run"], capsys)
+    assert code == 2 and "s3://no-such-bucket/run: not writable: bucket 'no-such-bucket' does not exist" in err
+    code, err = run_main(["--manifest", "s3://no-such-bucket/m.parquet", "--output", str(tmp_path)], capsys)
+    assert code == 2 and "bucket 'no-such-bucket' does not exist" in err
+    code, err = run_main(["--manifest", manifest_uri, "--output", "s3://gen/x", "--model", "s3://data/no-model"],
+                         capsys)
+    assert code == 2 and "model s3://data/no-model: cannot read model_index.json" in err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    started = time.monotonic()
+    code, err = run_main(["--manifest", manifest_uri, "--output", "s3://gen/y"], capsys)
+    assert code == 2 and ("invalid credentials" in err or "access denied" in err) and "wrong" not in err
+    assert time.monotonic() - started < 30  # no stack of retries
+    assert not ray.is_initialized()
+
+
+def test_rerun_with_other_generation_settings_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest_uri = _write(tmp_path / "m.parquet", pa.table({"id": ["a"], "prompt": ["p"]}))
+    out = str(tmp_path / "out")
+    config = BatchConfig(manifest=manifest_uri, output=out, default_steps=2)
+    claim_output(config, inspect_model(DEFAULT_MODEL), "attempt-1")
+    code, err = run_main(["--manifest", manifest_uri, "--output", out, "--default-steps", "4"], capsys)
+    assert code == 2 and "other generation settings (default_steps: 2 → 4)" in err
+
+
+def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
+    code, err = run_main(["--manifest", "m.parquet", "--output", "o", "--num-actors", "0"], capsys)
+    assert code == 2 and "num_actors=0 is invalid; allowed: an integer ≥ 1" in err
+
+
+# ---------------------------------------------------------------- the stage, in process (no Ray)
+
+
+def test_generator_stage_writes_clips_and_metric_rows(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    config = BatchConfig(manifest="unused", output=out, batch_size=4)
+    stage = GeneratorStage(config, device="cpu", torch_threads=2)
+    long_prompt = " ".join(["jazz piano"] * 100)  # far over the tiny tokenizer's 77 tokens
+    rows = check_batch(
+        pa.table({"id": ["a", "b", "c", "tiny"], "prompt": ["jazz piano", long_prompt, "drums", "x"],
+                  "duration_s": [2.0, 2.0, None, 1e-6], "seed": [1, 2, 1, 3], "format": ["flac", "flac", "wav", None],
+                  "genre": ["g1", "g2", "g3", "g4"]}),
+        max_duration=600,
+    ).drop_columns(["reason"])
+    out_rows = {r["id"]: r for r in stage(rows).to_pylist()}
+    assert out_rows["tiny"]["error"].startswith("generation failed: ValueError: duration must be > 0 s")
+    for clip_id, fmt, n in (("a", "flac", 32000), ("b", "flac", 32000), ("c", "wav", round(NATIVE_S * SR))):
+        row = out_rows[clip_id]
+        data = Path(out, "audio", f"{clip_id}.{fmt}").read_bytes()
+        assert row["error"] is None and row["num_samples"] == n and len(sf.read(io.BytesIO(data))[0]) == n
+        assert row["sha256"] == hashlib.sha256(data).hexdigest() and row["bytes"] == len(data)
+        assert row["clap_score"] is not None and row["model_hash"] == inspect_model(DEFAULT_MODEL)["hash"]
+    assert [out_rows[i]["prompt_truncated"] for i in "abc"] == [False, True, False]
+    assert out_rows["a"]["batch_clips"] == 2 and out_rows["c"]["batch_clips"] == 1
+    assert out_rows["c"]["duration_s"] == pytest.approx(NATIVE_S) and out_rows["b"]["genre"] == "g2"
+    assert not Path(out, "audio", "tiny.flac").exists()
+    # Same rows, same seeds: a retried batch rewrites identical bytes at the same keys.
+    again = {r["id"]: r for r in stage(rows.slice(0, 2)).to_pylist()}
+    assert [again[i]["sha256"] for i in "ab"] == [out_rows[i]["sha256"] for i in "ab"]
+    wav_a = sf.read(Path(out, "audio", "a.flac"))[0]
+    assert np.isfinite(wav_a).all()

@@ -1,0 +1,322 @@
+"""Distiller: config, student initialisation, one training step (EMA, heads, frozen parts), exact checkpoint
+round trip, export through the foundation's loader and pipeline, LoRA / no-adversary / CLAP / w-range paths,
+and a short distillation that measurably learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load, save
+
+from musiccm import model as model_io
+from musiccm.build import SCHEDULER, build_components
+from musiccm.distill import losses
+from musiccm.distill.config import DistillConfig
+from musiccm.distill.data import PreparedBatch, prepare_batch
+from musiccm.distill.discriminator import RANDOM_INIT_WARNING, ViTFeatures
+from musiccm.distill.distiller import Distiller, step_generator, unet_forward
+from musiccm.mel import MelConfig
+from musiccm.pipeline import GenerationConfig, MusicCM
+from musiccm.sampling import randn
+from musiccm.schedule import consistency_output
+
+WINDOW = 8  # latent frames: 0.32 s clips keep every test fast
+FAST = dict(tiny_feature_network=True, warmup_steps=2, lr=1e-4, disc_lr=1e-4, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.set_num_threads(2)
+    return build_components("tiny", seed=0, window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def batch(teacher) -> PreparedBatch:
+    rng = np.random.default_rng(0)
+    import io
+
+    import soundfile as sf
+
+    def clip(seconds: float) -> bytes:
+        t = np.arange(int(seconds * 16000)) / 16000
+        y = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate(rng.uniform(100, 2000, 5)))
+        buf = io.BytesIO()
+        sf.write(buf, (0.3 * y / np.abs(y).max()).astype(np.float32), 16000, format="FLAC")
+        return buf.getvalue()
+
+    rows = {"audio": [clip(0.5), clip(0.4), clip(0.6)], "caption": ["calm piano", "", "fast techno drums"]}
+    return prepare_batch(rows, teacher, DistillConfig(**FAST), torch.Generator().manual_seed(0))
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+# --------------------------------------------------------------------------- config
+def test_config_round_trip_and_validation():
+    cfg = DistillConfig(w_min=1.0, w_max=4.0, disc_layers=(1, 3), validation_steps=(1, 4))
+    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.has_w_range and DistillConfig().guidance_scale == 3.0  # w = 2 ⇔ diffusers guidance 3
+    with pytest.raises(ValueError, match=r"unknown DistillConfig keys \['bogus'\]"):
+        DistillConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    for change, words in [
+        ({"k_skip": 0}, "k_skip"), ({"num_workers": 0}, "num_workers=0"), ({"lr": -1.0}, "lr"),
+        ({"w_max": None}, "w_min"), ({"w_min": 3.0, "w_max": 1.0}, "w_max"), ({"loss_type": "l1"}, "huber"),
+        ({"mixed_precision": "fp8"}, "bf16"), ({"ema_rate": 1.0}, "ema_rate"), ({"feature_network": "vgg"}, "clap"),
+        ({"disc_layers": ()}, "disc_layers"), ({"validation_steps": (0,)}, "validation_steps"),
+        ({"name": "a/b"}, "name"), ({"adv_weight": 0.0, "distill_weight": 0.0}, "distill_weight"),
+    ]:
+        with pytest.raises(ValueError, match=words) as info:
+            dataclasses.replace(cfg, **change).validate()
+        assert "allowed" in str(info.value)
+
+
+# --------------------------------------------------------------------------- construction and one step
+def test_student_with_guidance_embedding_starts_as_the_teacher(teacher):
+    d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0, w_min=1.0, w_max=5.0))
+    assert d.student_module.config.time_cond_proj_dim == 256 and teacher.unet.config.time_cond_proj_dim is None
+    g = torch.Generator().manual_seed(0)
+    x, c = randn((2, 8, WINDOW, 16), g), torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=-1)
+    t = torch.tensor([999, 19])
+    with torch.no_grad():
+        want = unet_forward(teacher.unet, x, t, c, None)
+        for w in (1.0, 4.5):
+            got = d._x0_fn(d.student)(x, t, c, torch.full((2,), w))
+            a = d.alphas[t].reshape(-1, 1, 1, 1)
+            torch.testing.assert_close(got, (x - (1 - a).sqrt() * want) / a.sqrt())
+    assert max_diff(params(d.student_module), params(d.target)) == 0.0
+    assert all(not p.requires_grad for p in teacher.unet.parameters())
+
+
+def test_train_step_updates_student_ema_target_and_heads_only(teacher, batch):
+    cfg = DistillConfig(**FAST)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        d = Distiller(teacher, cfg)
+    frozen = {"teacher": params(teacher.unet), "vae": params(teacher.vae), "clap": params(teacher.text_encoder),
+              "features": params(d.disc.features)}
+    student0, heads0 = params(d.student_module), params(d.disc.heads)
+    m = d.train_step(batch)
+    for key in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "lr", "grad_norm", "disc_grad_norm", "loss"):
+        assert np.isfinite(m[key]), key
+    assert m["lr"] == pytest.approx(cfg.lr / 2) and m["batch_size"] == 3 and d.step == 1  # warm-up 1/2
+    assert m["r1"] > 0 and m["grad_norm"] > 0
+    assert max_diff(frozen["teacher"], params(teacher.unet)) == 0.0
+    assert max_diff(frozen["vae"], params(teacher.vae)) == 0.0
+    assert max_diff(frozen["clap"], params(teacher.text_encoder)) == 0.0
+    assert max_diff(frozen["features"], params(d.disc.features)) == 0.0
+    assert max_diff(heads0, params(d.disc.heads)) > 0
+    student1 = params(d.student_module)
+    assert max_diff(student0, student1) > 0
+    # EMA: θ⁻ ← 0.95·θ⁻ + 0.05·θ, with θ⁻ initialised to the student.
+    want = {k: 0.95 * student0[k] + 0.05 * student1[k] for k in student0}
+    assert max_diff(want, params(d.target)) < 1e-6
+    with pytest.raises(ValueError, match="at least one row"):
+        d.train_step(PreparedBatch(batch.latents[:0], batch.cond[:0], batch.mel[:0]))
+
+
+def test_gradient_checkpointing_gives_the_same_step(teacher, batch):
+    out = []
+    for checkpointing in (False, True):
+        d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0, gradient_checkpointing=checkpointing))
+        out.append((d.train_step(batch)["distill_loss"], params(d.student_module)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    assert max_diff(out[0][1], out[1][1]) < 1e-6
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_is_exact(teacher, batch):
+    """N steps in one go == k steps, checkpoint (safetensors bytes + JSON), fresh Distiller, N − k steps."""
+    cfg = DistillConfig(**FAST, r1_gamma=0.5)
+    n, k = 4, 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = Distiller(teacher, cfg)
+        for _ in range(n):
+            straight.train_step(batch)
+        first = Distiller(teacher, cfg)
+        for _ in range(k):
+            first.train_step(batch)
+        blob, meta = save(first.checkpoint_tensors()), json.loads(json.dumps(first.checkpoint_meta()))
+        resumed = Distiller(teacher, cfg)
+    resumed.restore(load(blob), meta)
+    assert resumed.step == k and meta["config"] == cfg.to_dict()
+    for _ in range(n - k):
+        resumed.train_step(batch)
+    a, b = straight.checkpoint_tensors(), resumed.checkpoint_tensors()
+    assert a.keys() == b.keys() and any(key.startswith("opt_d/") for key in a) and any("heads/" in key for key in a)
+    assert max_diff(a, b) < 1e-6
+    assert straight.step == resumed.step == n
+    # A run of a different structure refuses the checkpoint.
+    other = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0))
+    with pytest.raises(ValueError, match="adv_weight"):
+        other.restore(load(blob), meta)
+
+
+def test_step_generator_is_a_function_of_seed_rank_step():
+    a = torch.randn(3, generator=step_generator(0, 1, 5))
+    assert torch.equal(a, torch.randn(3, generator=step_generator(0, 1, 5)))
+    assert not torch.equal(a, torch.randn(3, generator=step_generator(0, 0, 5)))
+    assert not torch.equal(a, torch.randn(3, generator=step_generator(0, 1, 6)))
+
+
+# --------------------------------------------------------------------------- export
+def test_export_loads_and_generates(teacher, batch, tmp_path):
+    d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0))
+    d.train_step(batch)
+    directory = d.export(str(tmp_path / "student"))
+    loaded = model_io.load(directory)
+    assert loaded.is_consistency and not loaded.has_guidance_embedding
+    assert loaded.extra["distill"]["step"] == 1 and loaded.extra["distill"]["config"]["adv_weight"] == 0.0
+    assert max_diff(params(loaded.unet), params(d.target)) == 0.0  # EMA weights by default
+    unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet")
+    assert max_diff(params(unet), params(d.target)) == 0.0
+    gen = MusicCM(loaded)
+    duration = loaded.geometry.native_duration
+    for steps in (1, 2):
+        out = gen.generate(["calm piano"], duration, [7], GenerationConfig(steps=steps))
+        assert out.waveforms.shape == (1, round(duration * 16000)) and np.isfinite(out.waveforms).all()
+    raw = model_io.load(d.export(str(tmp_path / "raw"), use_ema=False))
+    assert max_diff(params(raw.unet), params(d.student_module)) == 0.0
+
+
+def test_w_range_student_exports_a_guidance_embedding(teacher, batch, tmp_path):
+    d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0, w_min=1.0, w_max=3.0))
+    m = d.train_step(batch)
+    assert 1.0 <= m["w_mean"] <= 3.0
+    assert d.student_module.time_embedding.cond_proj.weight.abs().sum() > 0  # the new projection trains
+    loaded = model_io.load(d.export(str(tmp_path / "w")))
+    assert loaded.has_guidance_embedding and loaded.unet.config.time_cond_proj_dim == 256
+    out = MusicCM(loaded).generate(["jazz"], loaded.geometry.native_duration, [1], GenerationConfig(steps=2,
+                                                                                                    guidance_scale=3.0))
+    assert np.isfinite(out.waveforms).all()
+
+
+def test_lora_path_trains_adapters_and_exports_merged(teacher, batch, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = Distiller(teacher, DistillConfig(**FAST, lora_rank=4, lr=1e-3))
+    trainable = [n for n, p in d.student_module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for p in d.opt_g.param_groups[0]["params"]) < 0.5 * sum(
+        p.numel() for p in teacher.unet.parameters())
+    for _ in range(2):
+        m = d.train_step(batch)
+    assert np.isfinite(m["distill_loss"]) and np.isfinite(m["adv_g_loss"])
+    loaded = model_io.load(d.export(str(tmp_path / "lora")))
+    assert not any("lora" in n for n in loaded.unet.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, c, t = randn((1, 8, WINDOW, 16), g), torch.randn(1, 512, generator=g), torch.tensor([499])
+    with torch.no_grad():
+        merged = unet_forward(loaded.unet, x, t, c, None)
+        adapter = unet_forward(d.target, x, t, c, None)
+        base = unet_forward(teacher.unet, x, t, c, None)
+    torch.testing.assert_close(merged, adapter, rtol=1e-4, atol=1e-5)  # merge == adapters
+    assert float((merged - base).abs().max()) > 1e-6  # and the adapters did learn something
+
+
+def test_adv_weight_zero_is_the_no_adversary_ablation(teacher, batch):
+    d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0))
+    assert d.disc is None and d.opt_d is None
+    m = d.train_step(batch)
+    assert m["adv_g_loss"] == m["adv_d_loss"] == m["r1"] == 0.0 and m["distill_loss"] > 0
+    assert m["loss"] == pytest.approx(3.0 * m["distill_loss"])
+    assert not any(k.startswith(("heads/", "opt_d/")) for k in d.checkpoint_tensors())
+
+
+def test_clap_feature_network_option(teacher, batch):
+    with pytest.raises(ValueError, match=r"out of range .* 4 blocks"):
+        Distiller(teacher, DistillConfig(**FAST, feature_network="clap"))  # default layers are for 12 blocks
+    clap0 = params(teacher.text_encoder)
+    d = Distiller(teacher, DistillConfig(**FAST, feature_network="clap", disc_layers=(1, 3)))
+    assert [f.shape[-1] for f in d.disc.feature_maps(batch.mel)] == [32, 128]
+    m = d.train_step(batch)
+    assert np.isfinite([m["adv_g_loss"], m["adv_d_loss"], m["r1"]]).all() and m["r1"] > 0
+    assert max_diff(clap0, params(teacher.text_encoder)) == 0.0  # the shared CLAP tower stays frozen
+    assert not teacher.text_encoder.training
+
+
+def test_audiomae_weights_load_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        src = ViTFeatures(MelConfig(), (2, 11), 32, tiny=True)
+    path = tmp_path / "audiomae.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in src.net.state_dict().items()}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no random-init warning when weights are given
+        dst = ViTFeatures(MelConfig(), (2, 11), 32, audiomae_path=str(path), tiny=True)
+    assert max_diff(params(src.net), params(dst.net)) == 0.0
+    assert RANDOM_INIT_WARNING.startswith("!!!")
+    save_file({"cls_token": torch.zeros(1, 1, 32)}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="lacks ViT-B encoder weights"):
+        ViTFeatures(MelConfig(), (2,), 32, audiomae_path=str(tmp_path / "partial.safetensors"), tiny=True)
+    with pytest.raises(ValueError, match="could not be read"):
+        ViTFeatures(MelConfig(), (2,), 32, audiomae_path=str(tmp_path / "nope.safetensors"), tiny=True)
+
+
+# --------------------------------------------------------------------------- it learns
+@pytest.mark.slow
+def test_short_distillation_learns(teacher):
+    """40 steps on CPU: the student's self-consistency loss and its 1-step distance to the teacher's
+    multi-step guided samples (same noise) both drop by a clear margin.
+
+    The tiny random teacher predicts v (a random ε-predictor's DDIM trajectories blow up by 1/√ᾱ); AudioLCM's
+    multi-step solver (k_skip=10: 5 solver hops over the 50-step grid) makes tens of steps enough.
+    """
+    v_sched = DDIMScheduler(**{**SCHEDULER, "prediction_type": "v_prediction"})
+    v_teacher = dataclasses.replace(teacher, scheduler=v_sched)
+    cfg = DistillConfig(**{**FAST, "lr": 1e-3, "warmup_steps": 0}, adv_weight=0.0, k_skip=10, w=1.0, loss_type="l2")
+    d = Distiller(v_teacher, cfg)
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    x0 = randn((b, 8, WINDOW, 16), g) * 0.8
+    cond = torch.nn.functional.normalize(torch.randn(b, 512, generator=g), dim=-1)
+    data = PreparedBatch(x0, cond, torch.zeros(b, WINDOW * 4, 64))
+    x_T = randn((b, 8, WINDOW, 16), torch.Generator().manual_seed(1))
+    w = torch.full((b,), cfg.w)
+    hops = [999, 799, 599, 399, 199]
+
+    @torch.no_grad()
+    def teacher_sample() -> torch.Tensor:  # the teacher's guided DDIM on the solver's hops, ending at t = 0
+        x = x_T
+        for i, t in enumerate(hops):
+            t_next = hops[i + 1] if i + 1 < len(hops) else 0
+            x = losses.solver_target(d._teacher_eps, x, torch.full((b,), t), torch.full((b,), t_next), cond,
+                                     d.uncond, w, d.alphas)
+        return x
+
+    @torch.no_grad()
+    def one_step_distance() -> float:
+        t = torch.full((b,), 999)
+        x = consistency_output(x_T, d._x0_fn(d.target)(x_T, t, cond, w), t)
+        return float((x - reference).pow(2).mean())
+
+    @torch.no_grad()
+    def self_consistency() -> float:  # the distillation loss with θ⁻ = θ on fixed draws
+        gg, total = torch.Generator().manual_seed(5), 0.0
+        for _ in range(3):
+            noise = randn(x0.shape, gg)
+            t, t_prev = losses.sample_solver_timesteps(b, cfg.k_skip, gg)
+            fn = d._x0_fn(d.target)
+            total += float(losses.consistency_distillation_loss(fn, fn, d._teacher_eps, x0, noise, t, t_prev, cond,
+                                                                d.uncond, w, d.alphas, "l2", 0.001)[0])
+        return total / 3
+
+    reference = teacher_sample()
+    dist0, cons0 = one_step_distance(), self_consistency()
+    for _ in range(40):
+        d.train_step(data)
+    dist1, cons1 = one_step_distance(), self_consistency()
+    assert dist1 < 0.8 * dist0, (dist0, dist1)
+    assert cons1 < 0.95 * cons0, (cons0, cons1)
