@@ -30,6 +30,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = {"batch": ROOT / "cluster/kuberay/rayjob-batch.yaml", "distill": ROOT / "cluster/kuberay/rayjob-distill.yaml"}
+MANIFESTS = {job: ROOT / f"cluster/kuberay/rayjob-{job}.yaml" for job in ("batch", "distill")}
 BUCKET = "musiccm"
 MARKER = "MUSICCM_MULTINODE_RUN"  # set in every process this script starts (for the final sweep)
 # Logical CPUs: a batch actor takes 2 (`--cpus-per-actor 2`), so exactly one fits on each node and the
@@ -73,7 +74,9 @@ def flag_values(argv: list[str]) -> dict[str, str | None]:
     return out
 
 
-def localize(argv: list[str], replace: dict[str, str], drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> list[str]:
+def localize(
+    argv: list[str], replace: dict[str, str], drop: tuple[str, ...] = (), add: tuple[str, ...] = ()
+) -> list[str]:
     """The manifest's command with flag values replaced, switches in `drop` removed and `add` appended."""
     flags = flag_values(argv)
     missing = sorted(set(replace) - set(flags))
@@ -111,10 +114,12 @@ def local_commands(s3: str, run: str, head_id: str | None = None) -> dict[str, l
     return {"batch": batch, "distill": distill}
 
 
-# Tiny-run flags for the distillation (CPU, two gloo workers, no validation audio). Kept in one place so
-# tests/test_cluster_configs.py can check them against `distill.py --help` like the manifests.
+# Tiny-run flags for the distillation: two gloo workers of 2 logical CPUs each, so Train's PACK placement
+# cannot put both on the head (3 CPUs) and the head keeps one CPU for Ray Data's read tasks; a checkpoint at
+# every step, no validation audio, the small test ViT as discriminator features.
 DISTILL_LOCAL_FLAGS: tuple[str, ...] = (
-    "--batch-size", "1", "--checkpoint-every", "1", "--validate-every", "0", "--tiny-feature-network",
+    "--cpus-per-worker", "2", "--batch-size", "1", "--checkpoint-every", "1", "--validate-every", "0",
+    "--tiny-feature-network",
 )
 
 
@@ -191,11 +196,12 @@ class LocalRay:
         cmd = [ray, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                f"--object-store-memory={OBJECT_STORE_BYTES}",
                f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}", *args]
-        log = open(self.workdir / f"ray-{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, cwd=self.workdir, start_new_session=True)
+        with open(self.workdir / f"ray-{name}.log", "wb") as log:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=self.env, cwd=self.workdir, start_new_session=True)
 
     def start(self) -> None:
+        """Spawn the head, then (once its GCS port answers) the second node; `wait_nodes(2)` waits for both."""
         gcs, dash, client = free_port_block(3)
         self.ports.update(gcs=gcs, dashboard=dash, client=client)
         base = 20000 + (os.getpid() % 200) * 200  # worker port ranges of 100, distinct per node and per run
@@ -203,10 +209,22 @@ class LocalRay:
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--ray-client-server-port={client}", f"--num-cpus={HEAD_CPUS}", "--num-gpus=0",
                              '--resources={"head": 1}', *self._node_ports("head")], (base, base + 99))
-        self.wait_nodes(1, timeout_s=90)
-        self._spawn("node2", [f"--address=127.0.0.1:{gcs}", f"--temp-dir={self.workdir / 'ray2'}", f"--num-cpus={NODE2_CPUS}", "--num-gpus=0",
-                              '--resources={"node2": 1}', *self._node_ports("node2")], (base + 100, base + 199))
-        self.wait_nodes(2, timeout_s=90)
+        self._wait_port(gcs, "head", timeout_s=60)
+        # Its own temp dir: two nodes sharing one would share runtime_resources/, and one node's runtime-env
+        # agent would delete the job's working dir under the other node's driver.
+        self._spawn("node2", [f"--address=127.0.0.1:{gcs}", f"--temp-dir={self.workdir / 'ray2'}",
+                              f"--num-cpus={NODE2_CPUS}", "--num-gpus=0", '--resources={"node2": 1}',
+                              *self._node_ports("node2")], (base + 100, base + 199))
+
+    def _wait_port(self, port: int, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"ray {name} exited with {self.procs[name].returncode}:\n{self.log_tail(name)}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"ray {name}: port {port} not open after {timeout_s:.0f} s\n{self.log_tail(name)}")
 
     def nodes(self) -> list[dict[str, Any]]:
         """Alive nodes from the dashboard's state API: node_id, is_head_node, resources_total."""
@@ -232,7 +250,8 @@ class LocalRay:
         ray = str(Path(sys.executable).parent / "ray")
         res = subprocess.run([ray, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
-            raise subprocess.SubprocessError(f"ray {' '.join(args[:2])} failed ({res.returncode}): {res.stderr[-2000:]}")
+            what = " ".join(args[:2])
+            raise subprocess.SubprocessError(f"ray {what} failed ({res.returncode}): {res.stderr[-2000:]}")
         return res.stdout
 
     def log_tail(self, name: str, n: int = 3000) -> str:
@@ -253,10 +272,10 @@ class LocalRay:
             proc.wait(timeout=10)
 
 
-def sweep(marker: str) -> list[int]:
+def sweep(marker: str) -> list[str]:
     """SIGKILL every process whose environment carries this run's marker (job drivers run in their own
-    sessions; Ray workers may outlive a killed raylet for a moment). Returns the pids killed."""
-    killed = []
+    sessions; Ray workers may outlive a killed raylet for a moment). Returns `pid cmdline` of each."""
+    killed, names = [], []
     needle = f"{MARKER}={marker}".encode()
     for _ in range(3):
         found = []
@@ -266,6 +285,7 @@ def sweep(marker: str) -> list[int]:
             try:
                 if needle in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
+                    names.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80])
             except OSError:
                 continue
         for pid in found:
@@ -275,7 +295,7 @@ def sweep(marker: str) -> list[int]:
         if not found:
             break
         time.sleep(0.5)
-    return killed
+    return [f"{pid} {name}" for pid, name in zip(killed, names, strict=False)]
 
 
 # ---------------------------------------------------------------- jobs
@@ -324,41 +344,48 @@ def check_batch(s3: str, run: str, nodes: dict[str, str], rows: int) -> dict:
     }
 
 
-def check_distill(s3: str, run: str, nodes: dict[str, str]) -> dict:
-    """Checkpoints and the exported student on S3; the Train workers' node ids cover both nodes."""
+def check_distill(cluster: LocalRay, s3: str, run: str, nodes: dict[str, str]) -> dict:
+    """Checkpoints (with every rank's file) and the exported student on S3; Train workers on both nodes.
+
+    The job's own records (summary.json, checkpoints, metric shards) carry no node ids, so the Train
+    workers' nodes come from Ray's state API (`ray list actors`, class RayTrainWorker), which keeps
+    finished actors; any `node_id(s)` the job records in its JSON files are reported beside them."""
     from musiccm import storage
 
     run_dir = f"{s3}/runs/distill-{run}"
     files = storage.list_files(run_dir)
-    exported = [f for f in files if f.endswith("model_index.json")]
-    worker_nodes = distill_worker_nodes(files)
+    summary = json.loads(storage.read_bytes(f"{run_dir}/summary.json"))
+    rank_files = sorted({f.rsplit("/", 1)[-1] for f in files if "/checkpoint-" in f and "/rank-" in f})
+    exported = storage.exists(f"{run_dir}/export/model_index.json")
+    actors = json.loads(cluster.ray_cli(["list", "actors", "--address", cluster.dashboard, "--format", "json",
+                                         "--detail", "--limit", "10000", "--filter", "class_name=RayTrainWorker"],
+                                        timeout=60))
+    state_api = sorted({a["node_id"] for a in actors})
+    recorded = sorted(set(distill_worker_nodes(files)))
     return {
-        "run_dir": run_dir, "files": len(files),
-        "checkpoint_files": sum("checkpoint" in f for f in files), "exported_models": exported,
-        "train_worker_node_ids": sorted(set(worker_nodes)),
-        "ok_results": bool(exported) and any("checkpoint" in f for f in files),
-        "ok_both_nodes": set(worker_nodes) == set(nodes.values()),
+        "run_dir": run_dir, "status": summary.get("status"), "step": summary.get("step"),
+        "checkpoints": summary.get("checkpoints"), "rank_files": rank_files, "export": summary.get("export"),
+        "train_workers": len(actors), "train_worker_node_ids": state_api,
+        "train_worker_node_ids_recorded_by_job": recorded or None,
+        "ok_results": summary.get("status") == "ok" and exported and len(rank_files) >= 2,
+        "ok_both_nodes": set(state_api) == set(nodes.values()) and (not recorded or set(recorded) == set(state_api)),
     }
 
 
 def distill_worker_nodes(files: list[str]) -> list[str]:
-    """Node ids of the Train workers as the distillation job records them (summary JSON under the run)."""
+    """Node ids the distillation job records in the JSON files of its run (none as of this writing)."""
     from musiccm import storage
 
     ids: list[str] = []
     for uri in files:
-        if not uri.endswith(".json"):
-            continue
-        try:
-            doc = json.loads(storage.read_bytes(uri))
-        except (ValueError, storage.StorageError):
-            continue
-        ids += _find_node_ids(doc)
+        if uri.endswith(".json"):
+            with contextlib.suppress(ValueError, storage.StorageError):
+                ids += _find_node_ids(json.loads(storage.read_bytes(uri)))
     return ids
 
 
 def _find_node_ids(doc: Any) -> list[str]:
-    """Values of any `node_id` / `node_ids` key in a JSON document."""
+    """Values of any `node_id` / `node_ids` / `worker_node_ids` key in a JSON document."""
     found: list[str] = []
     if isinstance(doc, dict):
         for k, v in doc.items():
@@ -388,34 +415,36 @@ def run(jobs: list[str], workdir: Path, timeout_s: float) -> dict:
     try:
         s3.start()
         s3.make_bucket(BUCKET)
+        # The Ray nodes get no S3 settings: the jobs receive them through runtime_env env_vars, as on a
+        # cluster without instance profiles (DESIGN.md §5).
+        venv_bin = str(Path(sys.executable).parent)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in ("RAY_ADDRESS",
+                                                                                              "RAY_AUTH_TOKEN_PATH")}
+        env.update({MARKER: marker, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+                    "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "HF_HUB_OFFLINE": "1"})
+        cluster = LocalRay(workdir, env)
+        cluster.start()  # boots while the inputs are staged
         os.environ.update(s3.env)  # this process stages inputs and reads results through musiccm.storage
         s3_uri = f"s3://{BUCKET}"
         report["inputs"] = stage_inputs(s3_uri, workdir)
         report["staged_s"] = round(time.monotonic() - t0, 1)
-        venv_bin = str(Path(sys.executable).parent)
-        env = {**os.environ, **s3.env, MARKER: marker, "RAY_AUTH_MODE": "token",
-               "RAY_AUTH_TOKEN": secrets.token_hex(32), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
-               "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
-               "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
-            env.pop(var, None)
-        cluster = LocalRay(workdir, env)
-        t1 = time.monotonic()
-        cluster.start()
+        cluster.wait_nodes(2, timeout_s=120)
         nodes = {("head" if n["is_head_node"] else "node2"): n["node_id"] for n in cluster.nodes()}
-        report.update(cluster_start_s=round(time.monotonic() - t1, 1), nodes=nodes)
+        report.update(cluster_up_s=round(time.monotonic() - t0, 1), nodes=nodes)
         run_id = uuid.uuid4().hex[:8]
         commands = local_commands(s3_uri, run_id)
-        # The jobs' S3 settings travel as runtime_env env_vars, as on a cluster without instance profiles.
         # The batch pool waits for both actors before handing out blocks, so the four rows are shared.
         job_env = {**s3.env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120", "OMP_NUM_THREADS": "1",
                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         for job in jobs:
             res = submit(cluster, job, commands[job], job_env, timeout_s)
             if res["returncode"] == 0:
-                checker = check_batch if job == "batch" else check_distill
-                args = (s3_uri, run_id, nodes, report["inputs"]["prompts"]) if job == "batch" else (s3_uri, run_id, nodes)
-                res["checks"] = checker(*args)
+                if job == "batch":
+                    res["checks"] = check_batch(s3_uri, run_id, nodes, report["inputs"]["prompts"])
+                else:
+                    res["checks"] = check_distill(cluster, s3_uri, run_id, nodes)
             report["jobs"][job] = res
     finally:
         if cluster is not None:

@@ -81,6 +81,13 @@ class DistillConfig:
     seed: int = 0
     tiny_feature_network: bool = False  # tests: a small random ViT with the same interface as ViT-B
 
+    def __post_init__(self) -> None:
+        # Sequences from argparse (nargs) or JSON arrive as lists: store them as tuples (hashable, frozen).
+        for name in ("disc_layers", "validation_prompts", "validation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
     # ------------------------------------------------------------------ helpers
     @property
     def has_w_range(self) -> bool:

@@ -1,0 +1,131 @@
+"""Checks of a distillation job before any Ray worker starts: each failure is one line, no traceback.
+
+Order: the config itself, the teacher (a MusicLDM layout with UNet weights), the manifest (a readable
+Parquet schema with `uri`/`audio` and at least one row), the storage (a probe write under the run
+directory and the export location), then the cluster (GPUs for --use-gpu, CPU headroom for Ray Data).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from musiccm import model, storage
+from musiccm.distill.config import DistillConfig
+from musiccm.distill.data import ManifestError, check_manifest_schema
+from musiccm.jobs.distill_args import LOCAL_STORAGE
+
+
+class PreflightError(ValueError):
+    """A job that cannot start: one line naming the flag, what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What the preflight learned about the training manifest."""
+
+    path: str  # pyarrow path (for S3: bucket/key without the scheme)
+    rows: int
+    files: int
+    columns: tuple[str, ...]
+
+
+def resolve_locations(config: DistillConfig) -> DistillConfig:
+    """Fill the storage default (./outputs/runs, absolute) and the export default ({storage}/{name}/export)."""
+    root = config.storage or LOCAL_STORAGE
+    if not storage.is_s3(root):
+        root = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
+    output = config.output or storage.join(root, config.name, "export")
+    if not storage.is_s3(output):
+        output = os.path.abspath(os.path.expanduser(output.removeprefix("file://")))
+    return config.replace(storage=root, output=output)
+
+
+def run_uri(config: DistillConfig) -> str:
+    """The run directory: {storage}/{name} (Ray Train's own checkpoints live here too)."""
+    if config.storage is None:
+        raise ValueError("run_uri needs a resolved config (call resolve_locations first)")
+    return storage.join(config.storage, config.name)
+
+
+def check_teacher(teacher: str) -> str:
+    """The teacher's local directory; PreflightError unless it is a MusicLDM layout with UNet weights."""
+    try:
+        directory = model.resolve(teacher)
+    except (model.ModelError, storage.StorageError, ValueError) as exc:
+        raise PreflightError(f"--teacher: {exc}") from None
+    unet = os.path.join(directory, "unet")
+    has_weights = any(n.endswith(".safetensors") for n in os.listdir(unet))
+    if not os.path.isfile(os.path.join(unet, "config.json")) or not has_weights:
+        raise PreflightError(f"--teacher {teacher!r}: unet/ has no config.json or no .safetensors weights; "
+                             "need a MusicLDM-layout model with UNet weights in safetensors")
+    return directory
+
+
+def check_manifest(uri: str) -> ManifestInfo:
+    """Schema and row count from the Parquet footers only; PreflightError for missing, unreadable or empty."""
+    if not uri:
+        raise PreflightError("--train-manifest is required: a Parquet file or directory (local or s3://)")
+    fs, path = storage.pyarrow_fs(uri)
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+        schema = dataset.schema
+        rows = dataset.count_rows()
+        files = len(dataset.files)
+    except FileNotFoundError:
+        raise PreflightError(f"--train-manifest {uri}: no such file or directory") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PreflightError(f"--train-manifest {uri}: not a readable Parquet manifest ({first})") from None
+    if files == 0:
+        raise PreflightError(f"--train-manifest {uri}: no Parquet files there")
+    try:
+        check_manifest_schema(schema)
+    except ManifestError as exc:
+        raise PreflightError(f"--train-manifest {uri}: {exc}") from None
+    if rows == 0:
+        raise PreflightError(f"--train-manifest {uri}: the manifest has 0 rows; need at least one training clip")
+    return ManifestInfo(path=path, rows=rows, files=files, columns=tuple(schema.names))
+
+
+def check_storage(config: DistillConfig) -> None:
+    """Probe writes under the run directory and, when it is elsewhere, the export location."""
+    targets = [("--storage", run_uri(config))]
+    assert config.output is not None
+    if not config.output.startswith(run_uri(config) + "/"):
+        targets.append(("--output", config.output))
+    for flag, uri in targets:
+        try:
+            storage.check_writable(uri)
+        except (storage.StorageError, ValueError) as exc:
+            raise PreflightError(f"{flag}: {exc}") from None
+
+
+def check_cluster(config: DistillConfig, cpus_per_worker: float, resources: dict[str, Any]) -> None:
+    """GPUs for --use-gpu, and CPUs for the workers plus one for Ray Data's read tasks."""
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 0))
+    if config.use_gpu and gpus < 1:
+        raise PreflightError("--use-gpu: the Ray cluster has no GPUs (ray.cluster_resources() reports 0); "
+                             "drop --use-gpu to train on CPU, or connect to a cluster with GPU nodes")
+    if config.use_gpu and gpus < config.num_workers:
+        raise PreflightError(f"--num-workers {config.num_workers} with --use-gpu needs {config.num_workers} GPUs; "
+                             f"the cluster has {gpus:g}")
+    need = config.num_workers * cpus_per_worker
+    if cpus_per_worker <= 0 or need + 1 > cpus:
+        raise PreflightError(f"--num-workers {config.num_workers} x --cpus-per-worker {cpus_per_worker:g} = "
+                             f"{need:g} CPUs, but the cluster has {cpus:g} and Ray Data needs at least 1 free for "
+                             "reading the manifest; lower --cpus-per-worker (> 0) or --num-workers")
+
+
+def preflight(config: DistillConfig) -> tuple[DistillConfig, ManifestInfo]:
+    """All checks that need no Ray: returns the config with resolved locations and the manifest facts."""
+    config = resolve_locations(config)
+    check_teacher(config.teacher)
+    info = check_manifest(config.train_manifest)
+    check_storage(config)
+    return config, info

@@ -1,0 +1,375 @@
+"""Evaluation end to end: feature networks against audioldm_eval's own code, safe weight loading, the job.
+
+Weights are RANDOMLY INITIALISED Cnn14 (the PANNs release's `{"model": ..., "sampler": numpy}` pickle
+form), VGGish (.safetensors) and a tiny CLAP saved to files and passed by path: the code path real
+weights take. The generated set is a real batch-output layout (metric shards written with
+`musiccm.batch.metrics`, FLAC clips) of short synthetic tones; the reference set shares their ids
+(KL pairs by id) and adds an unreadable file and a 22.05 kHz stereo file. The job runs as users run
+it, `python ray_jobs/evaluate.py ...` in a subprocess with its own local Ray, on local disk and on
+a real S3 server (SeaweedFS); the faster availability checks run the same code in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+from musiccm import audio_io, storage
+from musiccm.batch import metrics as batch_metrics
+from musiccm.evaluation import features as F
+from musiccm.evaluation import metrics as M
+from musiccm.evaluation import report
+from musiccm.jobs import evaluate as E
+from musiccm.testing.seaweed import SeaweedFS
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "ray_jobs" / "evaluate.py")
+SR = 16_000
+FREQS = (220.0, 330.0, 440.0, 550.0, 660.0, 770.0)
+
+
+def tone(freq: float, seconds: float = 2.0, sr: int = SR, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.15 * np.sin(2 * np.pi * 2.01 * freq * t)
+    return (wave + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], steps: int, name: str) -> None:
+    """A batch-generation output as `musiccm.jobs.batch` writes it: audio/, metrics/*.parquet, _SUMMARY.json."""
+    writer = batch_metrics.ShardWriter(storage.join(root, "metrics"), "20250101T000000000000Z-abcdef",
+                                       batch_metrics.METRIC_SCHEMA, 100, 1e9)
+    rows = []
+    for clip_id, prompt, wave in clips:
+        data = audio_io.encode(wave, SR, "flac", {"prompt": prompt})
+        uri = storage.join(root, "audio", f"{clip_id}.flac")
+        storage.write_bytes(uri, data)
+        request = {"id": clip_id, "prompt": prompt, "duration_s": None, "seed": 0, "steps": steps, "format": "flac"}
+        rows.append(batch_metrics.metric_row(
+            request, waveform=wave, sample_rate=SR, audio=batch_metrics.AudioFile(uri, len(data), "-"),
+            model={"name": name, "uri": "musiccm/assets/default", "hash": "0123456789abcdef"},
+            guidance_scale=None, truncated=False, clap=None, generation_s=0.05 * steps, batch_clips=4, node_id="n",
+            device="cpu"))
+    rows.append({**rows[0], "id": "gone", "audio_uri": storage.join(root, "audio", "gone.flac")})  # no audio file
+    writer.add(rows)
+    writer.close()
+    storage.write_bytes(storage.join(root, "audio", "c9.flac"), b"fLaC but truncated")  # unreadable clip
+    writer = batch_metrics.ShardWriter(storage.join(root, "metrics"), "20250101T000001000000Z-abcdef",
+                                       batch_metrics.METRIC_SCHEMA, 100, 1e9)
+    writer.add([{**rows[0], "id": "c9", "audio_uri": storage.join(root, "audio", "c9.flac")}])
+    writer.close()
+    summary = {"run_name": name + f"-{steps}step", "model": {"name": name, "uri": "musiccm/assets/default"}}
+    storage.write_bytes(storage.join(root, "_SUMMARY.json"), json.dumps(summary).encode())
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Random Cnn14 (.pth with the PANNs release's numpy extras), VGGish (.safetensors), tiny CLAP directory."""
+    spec = importlib.util.spec_from_file_location("make_weights", REPO / "scripts" / "make_random_eval_weights.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    root = tmp_path_factory.mktemp("weights")
+    return {
+        "pann": str(make.make_pann(root / F.PANN_FILE, seed=0, numpy_extras=True)),
+        "vggish": str(make.make_vggish(root / "vggish.safetensors", seed=0)),
+        "clap": str(make.make_clap(root / "clap", seed=0)),
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """gen/ (6 tones, one unreadable clip, one row without audio), ref/ (same ids, other tones, extras), train/."""
+    root = tmp_path_factory.mktemp("evaldata")
+    gen, ref, train = str(root / "gen"), str(root / "ref"), str(root / "train")
+    write_batch_output(gen, [(f"c{i}", f"calm piano number {i}", tone(f, seed=i)) for i, f in enumerate(FREQS)],
+                       steps=4, name="tiny-student")
+    for i, f in enumerate(FREQS):
+        storage.write_bytes(f"{ref}/c{i}.flac", audio_io.encode(tone(f * 1.07, seed=10 + i), SR, "flac"))
+    storage.write_bytes(f"{ref}/broken.wav", b"RIFF....WAVEfmt but nothing else")
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([tone(300, sr=22050), tone(301, sr=22050)], 1), 22050, format="WAV")
+    storage.write_bytes(f"{ref}/stereo22k.wav", buf.getvalue())
+    for i in range(3):
+        storage.write_bytes(f"{train}/t{i}.wav", audio_io.encode(tone(110 + 40 * i, seed=20 + i), SR, "wav"))
+    storage.write_bytes(f"{train}/copy-of-c0.flac", storage.read_bytes(f"{gen}/audio/c0.flac"))
+    return {"root": str(root), "gen": gen, "ref": ref, "train": train}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ray_jobs/evaluate.py ...` with a fresh local Ray instance."""
+    env = {**os.environ, **(env or {}), "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def weight_flags(w: dict[str, str]) -> list[str]:
+    return ["--pann-ckpt", w["pann"], "--vggish-ckpt", w["vggish"], "--clap-model", w["clap"]]
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.read_bytes(uri))
+
+
+def feature_arrays(uri: str, which: str) -> dict[str, np.ndarray | list]:
+    rows = [r for r in pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
+            if r["set"] == which and r["error"] is None]
+    return {"ids": [r["id"] for r in rows],
+            "emb": np.asarray([r["pann_embedding"] for r in rows], np.float32),
+            "logits": np.asarray([r["pann_logits"] for r in rows], np.float32),
+            "vggish": np.concatenate([np.asarray(r["vggish"], np.float32).reshape(-1, 128) for r in rows]),
+            "rows": rows}
+
+
+# ---------------------------------------------------------------- feature networks and weights
+
+
+def test_cnn14_features_equal_audioldm_evals_own_class(weights: dict[str, str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our Cnn14 (no CWD load, no wget) equals audioldm_eval's Cnn14 after its WaveDataset steps."""
+    import torchaudio.functional as AF
+    from audioldm_eval.datasets.load_mel import pad_short_audio
+    from audioldm_eval.feature_extractors.panns.models import Cnn14
+
+    state, _ = F.load_state_dict(weights["pann"])
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"model": state}, tmp_path / "ckpt" / F.PANN_FILE)  # the library reads only {"model": ...}
+    (tmp_path / "ckpt" / "Cnn14_mAP=0.431.pth").write_bytes(b"")  # present: the library does not shell out
+    monkeypatch.chdir(tmp_path)
+    theirs = Cnn14(features_list=["2048", "logits"], **F.CNN14_16K).eval()
+    ours = F.PannCnn14(state)
+    for sr, seconds in ((16_000, 1.5), (22_050, 2.5)):
+        wave = torch.from_numpy(np.stack([tone(500, seconds, sr), tone(900, seconds, sr, seed=1)])) + 0.05
+        emb, logits = ours(wave, sr)
+        x = wave[0:1] - wave[0:1].mean()  # WaveDataset.read_from_file: first channel, mean removed, resampled,
+        x = pad_short_audio(AF.resample(x, sr, 16_000), min_samples=32_000)  # padded to 2 s
+        with torch.no_grad():
+            ref = theirs(x)
+        np.testing.assert_allclose(emb, ref["2048"][0].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(logits, ref["logits"][0].numpy(), rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "ckpt" / "Cnn14_mAP=0.431.pth").read_bytes()  # nothing was downloaded over it
+
+
+def test_vggish_frames_and_activation(weights: dict[str, str]) -> None:
+    net = F.VGGish(F.load_state_dict(weights["vggish"])[0])
+    frames = net(torch.from_numpy(tone(440, 3.0))[None], SR)
+    assert frames.shape == (3, 128)  # one 128-d embedding per full 0.96 s
+    assert (frames < 0).any()  # the last ReLU is dropped, as audioldm_eval does (use_activation=False)
+    assert net(torch.from_numpy(tone(440, 0.9))[None], SR).shape == (0, 128)  # too short for one frame
+    stereo_44k = torch.from_numpy(np.stack([tone(440, 3.0, 44_100)] * 2))
+    np.testing.assert_allclose(net(stereo_44k, 44_100), frames, atol=0.05 * np.abs(frames).max())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > evil-ran",))
+
+
+def test_weight_files_are_never_unpickled_beyond_tensors_and_numpy(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    net = torch.nn.Linear(3, 2)
+    torch.save({"model": net.state_dict(), "hook": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(F.WeightsError, match="refusing to unpickle"):
+        F.load_state_dict(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "evil-ran").exists()
+    (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"w": 1}))  # not a torch file at all
+    with pytest.raises(F.WeightsError):
+        F.load_state_dict(str(tmp_path / "pickle.pth"))
+    torch.save({"model": net.state_dict(), "sampler": {"queue": np.arange(4), "seed": np.float32(1)}},
+               tmp_path / "panns-like.pth")
+    state, digest = F.load_state_dict(str(tmp_path / "panns-like.pth"))
+    assert set(state) == {"weight", "bias"} and len(digest) == 16
+    with pytest.raises(F.WeightsError, match=r"missing: bias.*unexpected: extra"):
+        F.fit(torch.nn.Linear(3, 2), {"weight": torch.zeros(2, 3), "extra": torch.zeros(1)}, "test")
+    with pytest.raises(F.WeightsError, match="shape"):
+        F.fit(torch.nn.Linear(3, 2), {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "test")
+    with pytest.raises(F.WeightsError, match="no such file"):
+        F.load_state_dict(str(tmp_path / "absent.pth"))
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+@pytest.fixture(scope="module")
+def local_run(weights: dict[str, str], data: dict[str, str]) -> tuple[str, subprocess.CompletedProcess]:
+    out = str(Path(data["root"]) / "eval-local")
+    proc = cli("--generated", data["gen"], "--reference", data["ref"], "--train-reference", data["train"],
+               "--out", out, *weight_flags(weights), "--progress-s", "1")
+    return out, proc
+
+
+@pytest.mark.slow
+def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], data: dict[str, str],
+                           weights: dict[str, str]) -> None:
+    out, proc = local_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = read_json(f"{out}/metrics.json")
+    assert result["schema_version"] == 1 and result["label"] == "tiny-student-4step"
+    assert result["model"]["name"] == "tiny-student" and result["steps"] == 4
+    assert result["latency"]["seconds_per_clip_mean"] == pytest.approx(0.2)
+    assert result["counts"] == {"generated": 6, "reference": 7, "train": 4, "paired_for_kl": 6, "unreadable": 2,
+                                "missing_audio": 1, "vggish_clips_generated": 6}
+    assert {(u["set"], u["id"]) for u in result["unreadable"]} == {("generated", "c9"), ("reference", "broken")}
+    assert all(u["error"].startswith("unreadable:") for u in result["unreadable"])
+    assert result["missing_audio"] == ["gone"]
+    assert result["unavailable"].keys() == {"clap_text_audio_reference_mean", "clap_text_audio_reference_std"}
+    assert result["networks"]["pann"]["uri"] == weights["pann"] and len(result["networks"]["pann"]["sha256_16"]) == 16
+    assert result["networks"]["clap"]["layout"] == "clap"
+    # Every number agrees with the pure metric functions on the features the actors wrote.
+    gen, ref = feature_arrays(f"{out}/features.parquet", "generated"), feature_arrays(f"{out}/features.parquet",
+                                                                                       "reference")
+    m = result["metrics"]
+    assert m["frechet_distance"] == pytest.approx(M.frechet_distance(gen["emb"], ref["emb"]), rel=1e-6)
+    assert m["frechet_audio_distance"] == pytest.approx(M.frechet_audio_distance(gen["vggish"], ref["vggish"]),
+                                                        rel=1e-6)
+    gi, ri = M.pair_by_id(gen["ids"], ref["ids"])
+    assert [gen["ids"][i] for i in gi] == [f"c{i}" for i in range(6)]
+    assert m["kullback_leibler_divergence_softmax"] == pytest.approx(
+        M.kl_divergence(gen["logits"][gi], ref["logits"][ri])["softmax"], rel=1e-6)
+    assert m["inception_score_mean"] == pytest.approx(M.inception_score(gen["logits"])[0], rel=1e-9)
+    assert m["kernel_inception_distance_mean"] is not None and m["frechet_distance"] > 0
+    assert -1 <= m["clap_text_audio_mean"] <= 1
+    assert m["sim_aa@0.95"] >= 1 / 6  # the training set holds a copy of c0
+    assert m["sim_aa@0.90"] >= m["sim_aa@0.95"] and m["sim_aa_max_mean"] <= 1 + 1e-6
+    stereo = next(r for r in ref["rows"] if r["id"] == "stereo22k")
+    assert (stereo["sample_rate"], stereo["channels"], stereo["vggish_frames"]) == (22050, 2, 2)
+    train = pq.read_table(f"{out}/train_clap_embeddings.parquet")
+    assert train.num_rows == 4 and train.schema.metadata[b"musiccm.clap_model"].decode() == weights["clap"]
+    rows = report.parse_table(Path(f"{out}/table.md").read_text())
+    assert len(rows) == 1 and rows[0]["Run"] == "tiny-student-4step" and rows[0]["Steps"] == "4"
+    assert rows[0]["FD_pann ↓"] == f"{m['frechet_distance']:.2f}" and rows[0]["Clips"] == "6"
+    assert "tiny-student" in proc.stdout and "unreadable files (2)" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[SeaweedFS]:
+    with SeaweedFS() as server:
+        server.make_bucket("eval")
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_job_on_s3_self_evaluation_appends_a_row(s3: SeaweedFS, local_run: tuple[str, subprocess.CompletedProcess],
+                                                 data: dict[str, str], weights: dict[str, str]) -> None:
+    """Generated = reference on S3: FD ≈ 0 and KL ≈ 0; the S3 table gains a second row; CLAP read from S3."""
+    out_local, proc = local_run
+    assert proc.returncode == 0
+    storage.upload_dir(data["gen"], "s3://eval/gen/run4")
+    storage.upload_dir(weights["clap"], "s3://eval/models/clap")
+    storage.write_file("s3://eval/train.parquet", f"{out_local}/train_clap_embeddings.parquet")
+    storage.write_file("s3://eval/table.md", f"{out_local}/table.md")
+    proc = cli("--generated", "s3://eval/gen/run4", "--reference", "s3://eval/gen/run4",
+               "--train-reference", "s3://eval/train.parquet", "--out", "s3://eval/out/self",
+               "--table", "s3://eval/table.md", "--label", "self", "--pann-ckpt", weights["pann"],
+               "--vggish-ckpt", weights["vggish"], "--clap-model", "s3://eval/models/clap", env=s3.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result, first = read_json("s3://eval/out/self/metrics.json"), read_json(f"{out_local}/metrics.json")
+    m, m1 = result["metrics"], first["metrics"]
+    assert result["counts"]["generated"] == result["counts"]["reference"] == result["counts"]["paired_for_kl"] == 6
+    assert abs(m["frechet_distance"]) < 1e-3 * m1["frechet_distance"]
+    assert abs(m["frechet_audio_distance"]) < 1e-3 * m1["frechet_audio_distance"]
+    assert -527e-6 * 1.02 <= m["kullback_leibler_divergence_softmax"] <= 0  # identical pairs (see the math tests)
+    # The reference is a batch output: its metric shards caption it with the same prompts.
+    assert m["clap_text_audio_reference_mean"] == pytest.approx(m["clap_text_audio_mean"], abs=1e-6)
+    assert m["sim_aa@0.95"] == m1["sim_aa@0.95"]  # precomputed training embeddings == embedding the audio
+    assert result["inputs"]["train"]["clap_model"] == weights["clap"] and result["notes"]
+    assert storage.exists("s3://eval/out/self/features.parquet")
+    rows = report.parse_table(storage.read_bytes("s3://eval/table.md").decode())
+    assert [r["Run"] for r in rows] == ["tiny-student-4step", "self"]
+
+
+def test_missing_weights_are_reported_and_the_rest_still_runs(
+        weights: dict[str, str], data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./ckpt/ here
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
+    config = E.EvalConfig(generated=data["gen"], reference=data["ref"], out=str(tmp_path / "out"),
+                          clap_model=weights["clap"], label="no-weights")
+    result = E.run(config, use_ray=False)
+    m, why = result["metrics"], result["unavailable"]
+    for key in ("frechet_distance", "inception_score_mean", "kullback_leibler_divergence_softmax",
+                "kernel_inception_distance_mean"):
+        assert m[key] is None
+        assert "--pann-ckpt" in why[key]["how_to_provide"] and F.PANN_FILE in why[key]["how_to_provide"]
+        assert str(tmp_path / "ckpt" / F.PANN_FILE) in why[key]["reason"]
+    assert m["frechet_audio_distance"] is None and "--vggish-ckpt" in why["frechet_audio_distance"]["how_to_provide"]
+    assert "--train-reference" in why["sim_aa@0.90"]["how_to_provide"]
+    assert m["clap_text_audio_mean"] is not None  # CLAP still ran
+    assert result["table_row"]["FD_pann ↓"] == "n/a" and result["table_row"]["IS ↑"] == "n/a"
+    assert "n/a" in (tmp_path / "out" / "table.md").read_text()
+    assert {u["id"] for u in result["unreadable"]} == {"c9", "broken"}
+
+
+def test_unpaired_reference_and_default_weight_location(
+        weights: dict[str, str], data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KL only when ids match (a note otherwise); Cnn14 found at audioldm_eval's ./ckpt/ location."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / F.PANN_FILE).symlink_to(weights["pann"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for i in range(4):
+        storage.write_bytes(str(tmp_path / "ref" / f"other-{i}.wav"), audio_io.encode(tone(200 + 90 * i), SR, "wav"))
+    config = E.EvalConfig(generated=data["gen"], reference=str(tmp_path / "ref"), out=str(tmp_path / "out"),
+                          no_clap=True)
+    result = E.run(config, use_ray=False)
+    m, why = result["metrics"], result["unavailable"]
+    assert result["networks"]["pann"]["default_location"] is True
+    assert m["kullback_leibler_divergence_softmax"] is None and m["kullback_leibler_divergence_sigmoid"] is None
+    assert "none of the 6 generated ids matches a reference id" in why["kullback_leibler_divergence_softmax"]["reason"]
+    assert result["counts"]["paired_for_kl"] == 0
+    assert m["frechet_distance"] is not None and m["inception_score_mean"] is not None
+    assert why["clap_text_audio_mean"]["reason"] == "--no-clap was given"
+
+
+def load_script():
+    """`ray_jobs/evaluate.py` as a module (its own parser and main)."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unusable_inputs_exit_2(data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main, out = load_script().main, str(tmp_path / "out")
+    base = ["--generated", data["gen"], "--reference", data["ref"], "--out", out]
+    assert main([*base, "--pann-ckpt", str(tmp_path / "nope.pth")]) == 2
+    assert "--pann-ckpt" in (err := capsys.readouterr().err) and "no such file" in err
+    assert main(["--generated", str(tmp_path / "empty"), *base[2:]]) == 2
+    assert "no metric shards" in capsys.readouterr().err
+    pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "ref.parquet")
+    assert main([*base[:2], "--reference", str(tmp_path / "ref.parquet"), *base[4:]]) == 2
+    assert "audio_uri" in capsys.readouterr().err
+    assert main([*base, "--num-actors", "0"]) == 2
+    assert "num_actors" in capsys.readouterr().err
+    assert main([*base, "--label", "a|b"]) == 2
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_help_documents_every_flag() -> None:
+    parser = load_script().parser()
+    text = parser.format_help()
+    for flag in ("--generated", "--reference", "--train-reference", "--out", "--pann-ckpt", "--vggish-ckpt",
+                 "--clap-model", "--num-actors", "--table", "--label"):
+        assert flag in text
+    assert all(action.help for action in parser._actions)
