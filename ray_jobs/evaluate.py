@@ -9,7 +9,7 @@ Cluster (storage settings from the standard AWS environment, e.g. runtime_env en
         --pann-ckpt s3://b/w/Cnn14_16k_mAP=0.438.pth --vggish-ckpt s3://b/w/vggish-10086976.pth --num-actors 8
 Writes {out}/metrics.json, {out}/features.parquet and a row of the Markdown table {out}/table.md (or --table).
 A metric whose network has no weights is reported unavailable (with how to provide them); the rest still run.
-Exit codes: 0 metrics written; 2 unusable inputs, weights or output.
+Exit codes: 0 metrics written; 1 no generated clip could be read; 2 unusable inputs, weights or output.
 """
 
 from __future__ import annotations

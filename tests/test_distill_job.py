@@ -343,11 +343,10 @@ def test_run_finishes_with_export_and_summary(first_run: Outcome, s3: SeaweedFS)
 def test_checkpoints_in_s3_are_safetensors_and_json(first_run: Outcome) -> None:
     files = storage.list_files(RUN)
     names = {f[len(RUN) + 1:] for f in files}
-    # keep_checkpoints=2: checkpoint-000002 was deleted after 4 (the last step) was written.
-    for step in (4,):
+    for step in (2, 4):  # every 2 steps; the last step (4) too
         for part in ("state.safetensors", "meta.json", "rank-00000.json", "rank-00001.json"):
             assert f"checkpoint-{step:06d}/{part}" in names, sorted(names)
-    assert not any(n.startswith("checkpoint-000002/") for n in names)
+    assert "checkpoint_manager_snapshot.json" in names  # Ray Train's index: a rerun resumes from it
     assert first_run.summary["checkpoint"] == f"{RUN}/checkpoint-000004"
     assert not any(n.endswith((".pt", ".pth", ".pkl", ".bin")) for n in names)  # never pickle
     meta = json.loads(storage.read_bytes(f"{RUN}/checkpoint-000004/meta.json"))
@@ -419,7 +418,9 @@ def test_rerun_with_the_same_name_resumes(rerun: Outcome) -> None:
     by_step = {r["step"]: r for r in rerun.history}
     assert by_step[5]["resumed_from"] == 4 and by_step[5]["attempt"] == 2 and by_step[6]["epoch"] == 2
     assert rerun.summary["step"] == 6 and rerun.summary["checkpoint"] == f"{RUN}/checkpoint-000006"
+    # keep_checkpoints=2: checkpoint-000002 was deleted once 6 was written.
     assert [c.rsplit("/", 1)[1] for c in rerun.summary["checkpoints"]] == ["checkpoint-000004", "checkpoint-000006"]
+    assert not storage.list_files(f"{RUN}/checkpoint-000002")
     assert storage.exists(f"{RUN}/validation/step-000006/metrics.parquet")
     meta = json.loads(storage.read_bytes(f"{RUN}/export/model_index.json"))
     assert meta["musiccm"]["distill"]["step"] == 6

@@ -30,6 +30,7 @@ import torch
 
 from musiccm import audio_io, storage
 from musiccm.batch import metrics as batch_metrics
+from musiccm.defaults import DEFAULT_MODEL
 from musiccm.evaluation import features as F
 from musiccm.evaluation import metrics as M
 from musiccm.evaluation import report
@@ -61,7 +62,7 @@ def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], step
         request = {"id": clip_id, "prompt": prompt, "duration_s": None, "seed": 0, "steps": steps, "format": "flac"}
         rows.append(batch_metrics.metric_row(
             request, waveform=wave, sample_rate=SR, audio=batch_metrics.AudioFile(uri, len(data), "-"),
-            model={"name": name, "uri": "musiccm/assets/default", "hash": "0123456789abcdef"},
+            model={"name": name, "uri": DEFAULT_MODEL, "hash": "0123456789abcdef"},
             guidance_scale=None, truncated=False, clap=None, generation_s=0.05 * steps, batch_clips=4, node_id="n",
             device="cpu"))
     rows.append({**rows[0], "id": "gone", "audio_uri": storage.join(root, "audio", "gone.flac")})  # no audio file
@@ -72,19 +73,19 @@ def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], step
                                        batch_metrics.METRIC_SCHEMA, 100, 1e9)
     writer.add([{**rows[0], "id": "c9", "audio_uri": storage.join(root, "audio", "c9.flac")}])
     writer.close()
-    summary = {"run_name": name + f"-{steps}step", "model": {"name": name, "uri": "musiccm/assets/default"}}
+    summary = {"run_name": name + f"-{steps}step", "model": {"name": name, "uri": DEFAULT_MODEL}}
     storage.write_bytes(storage.join(root, "_SUMMARY.json"), json.dumps(summary).encode())
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Random Cnn14 (.pth with the PANNs release's numpy extras), VGGish (.safetensors), tiny CLAP directory."""
+    """Random Cnn14 (.pth, {"model": state_dict}), VGGish (.safetensors), tiny CLAP (transformers directory)."""
     spec = importlib.util.spec_from_file_location("make_weights", REPO / "scripts" / "make_random_eval_weights.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     root = tmp_path_factory.mktemp("weights")
     return {
-        "pann": str(make.make_pann(root / F.PANN_FILE, seed=0, numpy_extras=True)),
+        "pann": str(make.make_pann(root / F.PANN_FILE, seed=0)),
         "vggish": str(make.make_vggish(root / "vggish.safetensors", seed=0)),
         "clap": str(make.make_clap(root / "clap", seed=0)),
     }
@@ -115,8 +116,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def weight_flags(w: dict[str, str]) -> list[str]:
-    return ["--pann-ckpt", w["pann"], "--vggish-ckpt", w["vggish"], "--clap-model", w["clap"]]
 
 
 def read_json(uri: str) -> dict:
@@ -145,7 +144,7 @@ def test_cnn14_features_equal_audioldm_evals_own_class(weights: dict[str, str], 
 
     state, _ = F.load_state_dict(weights["pann"])
     (tmp_path / "ckpt").mkdir()
-    torch.save({"model": state}, tmp_path / "ckpt" / F.PANN_FILE)  # the library reads only {"model": ...}
+    (tmp_path / "ckpt" / F.PANN_FILE).symlink_to(weights["pann"])
     (tmp_path / "ckpt" / "Cnn14_mAP=0.431.pth").write_bytes(b"")  # present: the library does not shell out
     monkeypatch.chdir(tmp_path)
     theirs = Cnn14(features_list=["2048", "logits"], **F.CNN14_16K).eval()
@@ -190,7 +189,7 @@ def test_weight_files_are_never_unpickled_beyond_tensors_and_numpy(tmp_path: Pat
         F.load_state_dict(str(tmp_path / "pickle.pth"))
     torch.save({"model": net.state_dict(), "sampler": {"queue": np.arange(4), "seed": np.float32(1)}},
                tmp_path / "panns-like.pth")
-    state, digest = F.load_state_dict(str(tmp_path / "panns-like.pth"))
+    state, digest = F.load_state_dict(str(tmp_path / "panns-like.pth"), digest=True)
     assert set(state) == {"weight", "bias"} and len(digest) == 16
     with pytest.raises(F.WeightsError, match=r"missing: bias.*unexpected: extra"):
         F.fit(torch.nn.Linear(3, 2), {"weight": torch.zeros(2, 3), "extra": torch.zeros(1)}, "test")
@@ -207,7 +206,8 @@ def test_weight_files_are_never_unpickled_beyond_tensors_and_numpy(tmp_path: Pat
 def local_run(weights: dict[str, str], data: dict[str, str]) -> tuple[str, subprocess.CompletedProcess]:
     out = str(Path(data["root"]) / "eval-local")
     proc = cli("--generated", data["gen"], "--reference", data["ref"], "--train-reference", data["train"],
-               "--out", out, *weight_flags(weights), "--progress-s", "1")
+               "--out", out, "--pann-ckpt", weights["pann"], "--vggish-ckpt", weights["vggish"], "--progress-s", "1")
+    # No --clap-model: the generating model's own CLAP (the metric rows name the bundled default model).
     return out, proc
 
 
@@ -227,7 +227,7 @@ def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], d
     assert result["missing_audio"] == ["gone"]
     assert result["unavailable"].keys() == {"clap_text_audio_reference_mean", "clap_text_audio_reference_std"}
     assert result["networks"]["pann"]["uri"] == weights["pann"] and len(result["networks"]["pann"]["sha256_16"]) == 16
-    assert result["networks"]["clap"]["layout"] == "clap"
+    assert result["networks"]["clap"] == {"uri": DEFAULT_MODEL, "layout": "musicldm", "own_model": True}
     # Every number agrees with the pure metric functions on the features the actors wrote.
     gen, ref = feature_arrays(f"{out}/features.parquet", "generated"), feature_arrays(f"{out}/features.parquet",
                                                                                        "reference")
@@ -247,7 +247,7 @@ def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], d
     stereo = next(r for r in ref["rows"] if r["id"] == "stereo22k")
     assert (stereo["sample_rate"], stereo["channels"], stereo["vggish_frames"]) == (22050, 2, 2)
     train = pq.read_table(f"{out}/train_clap_embeddings.parquet")
-    assert train.num_rows == 4 and train.schema.metadata[b"musiccm.clap_model"].decode() == weights["clap"]
+    assert train.num_rows == 4 and train.schema.metadata[b"musiccm.clap_model"].decode() == DEFAULT_MODEL
     rows = report.parse_table(Path(f"{out}/table.md").read_text())
     assert len(rows) == 1 and rows[0]["Run"] == "tiny-student-4step" and rows[0]["Steps"] == "4"
     assert rows[0]["FD_pann ↓"] == f"{m['frechet_distance']:.2f}" and rows[0]["Clips"] == "6"
@@ -273,17 +273,17 @@ def s3() -> Iterator[SeaweedFS]:
 @pytest.mark.slow
 def test_job_on_s3_self_evaluation_appends_a_row(s3: SeaweedFS, local_run: tuple[str, subprocess.CompletedProcess],
                                                  data: dict[str, str], weights: dict[str, str]) -> None:
-    """Generated = reference on S3: FD ≈ 0 and KL ≈ 0; the S3 table gains a second row; CLAP read from S3."""
+    """Generated = reference on S3: FD ≈ 0 and KL ≈ 0; the S3 table gains a second row; the model's CLAP from S3."""
     out_local, proc = local_run
     assert proc.returncode == 0
     storage.upload_dir(data["gen"], "s3://eval/gen/run4")
-    storage.upload_dir(weights["clap"], "s3://eval/models/clap")
+    storage.upload_dir(DEFAULT_MODEL, "s3://eval/models/default")
     storage.write_file("s3://eval/train.parquet", f"{out_local}/train_clap_embeddings.parquet")
     storage.write_file("s3://eval/table.md", f"{out_local}/table.md")
     proc = cli("--generated", "s3://eval/gen/run4", "--reference", "s3://eval/gen/run4",
                "--train-reference", "s3://eval/train.parquet", "--out", "s3://eval/out/self",
                "--table", "s3://eval/table.md", "--label", "self", "--pann-ckpt", weights["pann"],
-               "--vggish-ckpt", weights["vggish"], "--clap-model", "s3://eval/models/clap", env=s3.env)
+               "--vggish-ckpt", weights["vggish"], "--clap-model", "s3://eval/models/default", env=s3.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result, first = read_json("s3://eval/out/self/metrics.json"), read_json(f"{out_local}/metrics.json")
     m, m1 = result["metrics"], first["metrics"]
@@ -294,7 +294,9 @@ def test_job_on_s3_self_evaluation_appends_a_row(s3: SeaweedFS, local_run: tuple
     # The reference is a batch output: its metric shards caption it with the same prompts.
     assert m["clap_text_audio_reference_mean"] == pytest.approx(m["clap_text_audio_mean"], abs=1e-6)
     assert m["sim_aa@0.95"] == m1["sim_aa@0.95"]  # precomputed training embeddings == embedding the audio
-    assert result["inputs"]["train"]["clap_model"] == weights["clap"] and result["notes"]
+    assert result["networks"]["clap"]["layout"] == "musicldm" and not result["networks"]["clap"]["own_model"]
+    assert result["inputs"]["train"]["clap_model"] == DEFAULT_MODEL  # the same weights, named another way:
+    assert any("SIM_AA is only meaningful" in n for n in result["notes"])  # said, not guessed
     assert storage.exists("s3://eval/out/self/features.parquet")
     rows = report.parse_table(storage.read_bytes("s3://eval/table.md").decode())
     assert [r["Run"] for r in rows] == ["tiny-student-4step", "self"]
@@ -350,7 +352,8 @@ def load_script():
     return module
 
 
-def test_unusable_inputs_exit_2(data: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unusable_inputs_exit_2(weights: dict[str, str], data: dict[str, str], tmp_path: Path,
+                                capsys: pytest.CaptureFixture) -> None:
     main, out = load_script().main, str(tmp_path / "out")
     base = ["--generated", data["gen"], "--reference", data["ref"], "--out", out]
     assert main([*base, "--pann-ckpt", str(tmp_path / "nope.pth")]) == 2
@@ -360,6 +363,8 @@ def test_unusable_inputs_exit_2(data: dict[str, str], tmp_path: Path, capsys: py
     pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "ref.parquet")
     assert main([*base[:2], "--reference", str(tmp_path / "ref.parquet"), *base[4:]]) == 2
     assert "audio_uri" in capsys.readouterr().err
+    assert main([*base, "--vggish-ckpt", weights["pann"]]) == 2
+    assert "VGGish weights do not fit the network (missing: embeddings.0.bias" in capsys.readouterr().err
     assert main([*base, "--num-actors", "0"]) == 2
     assert "num_actors" in capsys.readouterr().err
     assert main([*base, "--label", "a|b"]) == 2

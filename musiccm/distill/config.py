@@ -64,7 +64,10 @@ class DistillConfig:
     # R1 on the heads' input features (StyleGAN-T / ADD): the features are LayerNorm-scaled, so their
     # gradients are O(1) and γ = 1 (StyleGAN2's low-resolution setting) regularises without dominating.
     r1_gamma: float = 1.0
-    disc_layers: tuple[int, ...] = (2, 5, 8, 11)  # 0-based blocks of a 12-block ViT-B, evenly spaced
+    # 0-based feature-network blocks the heads read: the 3rd, 6th, 9th and 12th of ViT-B's 12 (evenly spaced,
+    # last included). The tiny test ViT also has 12 blocks; for feature_network="clap" the indices count the
+    # HTSAT Swin blocks across stages (12 for HTSAT-base, 4 for the tiny test CLAP: use e.g. (1, 3)).
+    disc_layers: tuple[int, ...] = (2, 5, 8, 11)
     crop_seconds: float | None = None  # None = the teacher's native window
     # --- bookkeeping
     checkpoint_every: int = 500

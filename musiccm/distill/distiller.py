@@ -57,7 +57,11 @@ def step_generator(seed: int, rank: int, step: int, stream: int = 0) -> torch.Ge
 
 def unet_forward(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                  w_emb: torch.Tensor | None) -> torch.Tensor:
-    """MusicLDM's UNet call (CLAP vector as ``class_labels``, no cross-attention context) → raw output."""
+    """MusicLDM's UNet call (CLAP vector as ``class_labels``, no cross-attention context) → raw output.
+
+    Works on a plain, LoRA (peft) or DDP-wrapped UNet, which ``external.make_denoiser`` (reading
+    ``unet.config``/``dtype``) does not; it is the same call and belongs next to it in ``musiccm.external``.
+    """
     return unet(x_t, t, encoder_hidden_states=None, class_labels=cond, timestep_cond=w_emb).sample
 
 
@@ -105,7 +109,12 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 class Distiller:
-    """Student UNet + EMA target + discriminator heads + optimisers of one distillation run (no Ray)."""
+    """Student UNet + EMA target + discriminator heads + optimisers of one distillation run (no Ray).
+
+    The ``teacher`` components are moved to ``device`` and frozen in place. ``wrap`` (e.g. Ray's
+    ``prepare_model``) is applied to the student UNet and to the discriminator heads; ``rank`` only selects
+    this rank's noise stream (:func:`step_generator`).
+    """
 
     def __init__(
         self,

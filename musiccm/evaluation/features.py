@@ -25,6 +25,7 @@ other pickled object is refused. `.safetensors` files are read as they are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -141,15 +142,15 @@ def _torch_load(path: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, sha256 prefix) of a `.safetensors` file or a torch checkpoint (`{"model": sd}` or `sd`)."""
+def load_state_dict(uri: str, digest: bool = False) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state dict, sha256 prefix or None) of a `.safetensors` file or a torch checkpoint (`{"model": sd}` or `sd`)."""
     with local_copy(uri) as path:
-        digest = file_digest(path)
+        sha = file_digest(path) if digest else None
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             try:
-                return load_file(path), digest
+                return load_file(path), sha
             except Exception as exc:
                 raise WeightsError(f"{uri}: not a readable safetensors file ({exc})") from None
         obj = _torch_load(path)
@@ -159,22 +160,47 @@ def load_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{uri}: expected a state dict of tensors (or {{'model': state_dict}}), "
                            f"got {type(obj).__name__}")
-    return obj, digest
+    return obj, sha
 
 
-def fit(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    """Load `state` strictly, with a WeightsError naming missing/unexpected/mis-shaped keys."""
-    expected = module.state_dict()
+def _check_fit(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], what: str) -> None:
+    """WeightsError naming missing, unexpected and mis-shaped keys, if any."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [f"{k} {tuple(state[k].shape)}≠{v}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != v]
     if missing or unexpected or shapes:
         parts = [f"{label}: {', '.join(items[:4])}{' …' if len(items) > 4 else ''}"
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
         raise WeightsError(f"{what} weights do not fit the network ({'; '.join(parts)})")
+
+
+def fit(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Load `state` strictly into `module` (eval mode, frozen); WeightsError if it does not fit."""
+    _check_fit({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, what)
     module.load_state_dict(state, strict=True)
     return module.eval().requires_grad_(False)
+
+
+@functools.cache
+def expected_shapes(network: str) -> dict[str, tuple[int, ...]]:
+    """State-dict key → shape of "pann" or "vggish" (one network built on CPU, once per process)."""
+    if network == "pann":
+        from audioldm_eval.feature_extractors.panns.models import Cnn14_no_specaug
+
+        module = Cnn14_no_specaug(**CNN14_16K)
+    elif network == "vggish":
+        module = vggish_network()
+    else:
+        raise ValueError(f"network={network!r}; allowed: pann | vggish")
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_weights(network: str, uri: str) -> str | None:
+    """Read `uri` and check it fits `network` ("pann" | "vggish") without building it; its sha256 prefix."""
+    state, digest = load_state_dict(uri, digest=True)
+    _check_fit(expected_shapes(network), state, {"pann": "Cnn14", "vggish": "VGGish"}[network])
+    return digest
 
 
 # ---------------------------------------------------------------- networks

@@ -2,6 +2,7 @@
 
 `{out}/metrics.json` (schema_version 1):
 
+    status           "ok", or "failed: ..." when no generated clip could be read (exit code 1)
     label            the table row's name (--label, else the batch run's name, else the output's last part)
     created_at, wall_seconds
     model            {name, hash, uri, trained} of the generating model (from the metric rows / _SUMMARY.json)
@@ -90,14 +91,14 @@ def _versions() -> dict:
 
 
 def build(
-    *, config: dict, label: str, inputs: dict, counts: dict, generation: list[dict], summary: dict | None,
+    *, status: str, config: dict, label: str, inputs: dict, counts: dict, generation: list[dict], summary: dict | None,
     values: dict, unavailable: dict, notes: list[str], networks: dict, unreadable: list[dict],
     missing_audio: list[str], started_at: str, wall_seconds: float,
 ) -> dict:
     """The metrics.json document (see the module docstring)."""
     steps = sorted({int(r["steps"]) for r in generation if r.get("steps") is not None})
     result = {
-        "schema_version": SCHEMA_VERSION, "label": label, "created_at": datetime.now(UTC).isoformat(),
+        "schema_version": SCHEMA_VERSION, "status": status, "label": label, "created_at": datetime.now(UTC).isoformat(),
         "started_at": started_at, "wall_seconds": wall_seconds,
         "model": _model(generation, summary), "steps": steps[0] if len(steps) == 1 else (steps or None),
         "latency": _latency(generation), "metrics": values, "unavailable": unavailable, "counts": counts,
@@ -171,6 +172,8 @@ def summary_text(result: dict) -> str:
     """A few lines for the terminal: the table row, unavailable metrics, unreadable files, notes."""
     row = result["table_row"]
     lines = [" | ".join(f"{k.split(' ')[0]} {v}" for k, v in row.items())]
+    if result["status"] != "ok":
+        lines.insert(0, f"STATUS: {result['status']}")
     extra = {k: v for k, v in result["metrics"].items() if v is not None and not k.startswith(
         ("frechet", "inception_score_mean", "kullback_leibler_divergence_softmax"))}
     if extra:

@@ -17,14 +17,17 @@ back to the driver, which writes shards and prints progress; (6) summary.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -163,9 +166,11 @@ def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig) -> p
     """Read the manifest with Ray Data and validate rows in Ray tasks; the checked table comes to the driver."""
     import ray
 
-    fs, _ = storage.pyarrow_fs(files[0])
-    paths = [storage.pyarrow_fs(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs)
+    if storage.is_s3(files[0]):
+        fs, _ = storage.pyarrow_fs(files[0])
+        ds = ray.data.read_parquet([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs)
+    else:  # local:// pins the read tasks to the driver's node, where the files are
+        ds = ray.data.read_parquet([f"local://{storage.pyarrow_fs(f)[1]}" for f in files])
     checked = ds.map_batches(
         manifest.check_batch,
         batch_format="pyarrow",
@@ -289,72 +294,113 @@ def versions() -> dict:
             "ray": ray.__version__, "pyarrow": pa.__version__}
 
 
-def run(config: BatchConfig) -> dict:
-    """Run (or resume) a batch; return the summary (also written to `_SUMMARY.json`)."""
-    import ray
+@dataclass
+class Work:
+    """What a run found in its manifest and output before generating."""
 
-    started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
-    # 1. Pre-flight, before any Ray work: fail fast with one message.
+    checked: pa.Table  # every manifest row, checked
+    errors: pa.Table  # (id, reason) of rejected rows
+    todo: pa.Table  # valid rows not done yet
+    state: resume.ResumeState
+    counts: dict
+
+
+def preflight(config: BatchConfig, attempt: str) -> tuple[list[str], pa.Schema, dict]:
+    """Everything that can fail fast, before Ray: manifest files and schema, output writability, model, claim."""
     files = manifest_files(config.manifest)
     carried = manifest_schema(files)
     storage.check_writable(config.output)
     model_info = inspect_model(config.model)
     claim_output(config, model_info, attempt)
-    print(f"[batch] run {config.run_name!r}: {len(files)} manifest file(s) → {config.output}", flush=True)
-    # 2. Ray: read and check rows in tasks.
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    return files, carried, model_info
+
+
+def find_work(files: list[str], carried: pa.Schema, config: BatchConfig, attempt: str) -> Work:
+    """Read and check rows (Ray tasks), reject bad and duplicate ids, drop ids already done; write errors."""
+    checked = read_checked(files, carried, config)
+    valid, errors = manifest.split(checked)
+    state = resume.resume_state(config.output, verify=config.verify_audio)
+    done = pc.is_in(valid.column("id"), value_set=pa.array(sorted(state.done), pa.string()))
+    todo = valid.filter(pc.invert(done))
+    write_errors(config.output, attempt, errors.to_pylist())
+    counts = {"requested": checked.num_rows, "valid": valid.num_rows, "rejected": errors.num_rows,
+              "skipped_done": valid.num_rows - todo.num_rows, "to_generate": todo.num_rows}
+    return Work(checked, errors, todo, state, counts)
+
+
+@contextlib.contextmanager
+def ray_session(config: BatchConfig) -> Iterator[None]:
+    """`ray.init()` unless connected already (joins the cluster under `ray job submit`, else starts a local one)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
     try:
         ctx = ray.data.DataContext.get_current()
-        ctx.execution_no_progress_timeout_s = config.stall_timeout_s
-        ctx.enable_progress_bars = sys.stderr.isatty()
-        checked = read_checked(files, carried, config)
-        # 3. Driver: duplicates and rejections, then what is already done.
-        valid, errors = manifest.split(checked)
-        state = resume.resume_state(config.output, verify=config.verify_audio)
-        done = pc.is_in(valid.column("id"), value_set=pa.array(sorted(state.done), pa.string()))
-        todo = valid.filter(pc.invert(done))
-        write_errors(config.output, attempt, errors.to_pylist())
-        counts = {"requested": checked.num_rows, "valid": valid.num_rows, "rejected": errors.num_rows,
-                  "skipped_done": valid.num_rows - todo.num_rows, "to_generate": todo.num_rows}
-        print(f"[batch] {counts['requested']} rows: {counts['rejected']} rejected, {counts['skipped_done']} "
-              f"already done, {counts['to_generate']} to generate", flush=True)
+        ctx.execution_no_progress_timeout_s = config.stall_timeout_s  # long clips keep an actor busy for minutes
+        ctx.enable_progress_bars = sys.stderr.isatty()  # our own progress lines go to logs
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run(config: BatchConfig) -> dict:
+    """Run (or resume) a batch; return the summary (also written to `_SUMMARY.json`)."""
+    import ray
+
+    started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
+    files, carried, model_info = preflight(config, attempt)  # 1. fail fast, no Ray yet
+    print(f"[batch] run {config.run_name!r}: {len(files)} manifest file(s) → {config.output}", flush=True)
+    with ray_session(config):
+        work = find_work(files, carried, config, attempt)  # 2-3. check rows, resume
+        c = work.counts
+        print(f"[batch] {c['requested']} rows: {c['rejected']} rejected, {c['skipped_done']} already done, "
+              f"{c['to_generate']} to generate", flush=True)
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if nodes > 1 and not storage.is_s3(config.output):
+            raise ValueError(f"--output {config.output} is a local path but the Ray cluster has {nodes} nodes: "
+                             "actors on other nodes would write to their own disks; use an s3:// output")
         res = plan_resources(config, ray.cluster_resources())
         for note in res.notes:
             print(f"[batch] note: {note}", flush=True)
-        sink = Sink(config, attempt, todo.num_rows)
-        strict_stop = config.strict and errors.num_rows > 0
-        # 4-5. Generate and stream metric rows into shards.
-        if todo.num_rows and not strict_stop:
+        sink = Sink(config, attempt, work.todo.num_rows)
+        strict_stop = config.strict and work.errors.num_rows > 0
+        if work.todo.num_rows and not strict_stop:
             try:
-                generate(todo, config, res, sink)
+                generate(work.todo, config, res, sink)  # 4-5. actors write audio; metric rows stream back
             finally:
                 sink.close()
-                failures = [{"id": i, "reason": r} for i, r in sink.failures.items()]
-                if failures:
-                    write_errors(config.output, attempt, errors.to_pylist() + failures)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    # 6. Summary.
-    wall = time.monotonic() - t0
-    audio = sum(sink.generated.values())
-    counts.update(generated=len(sink.generated), failed=len(sink.failures),
-                  in_metrics=len(state.done) + len(sink.generated))
+                if sink.failures:
+                    failures = [{"id": i, "reason": r} for i, r in sink.failures.items()]
+                    write_errors(config.output, attempt, work.errors.to_pylist() + failures)
     status = "ok"
     if strict_stop:
-        status = f"stopped: --strict and {errors.num_rows} rejected row(s); nothing generated"
+        status = f"stopped: --strict and {work.errors.num_rows} rejected row(s); nothing generated"
     elif sink.failures:
         status = f"failed: {len(sink.failures)} clip(s) could not be generated (see errors/)"
-    model_info["hash"] = model_info["hash"] or sink.model_hash
+    summary = make_summary(config, attempt, started, time.monotonic() - t0, status, work, sink, res, model_info)
+    storage.write_bytes(storage.join(config.output, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def make_summary(
+    config: BatchConfig, attempt: str, started: datetime, wall: float, status: str, work: Work, sink: Sink,
+    res: Resources, model_info: dict,
+) -> dict:
+    """The `_SUMMARY.json` of an attempt."""
+    audio = sum(sink.generated.values())
+    counts = {**work.counts, "generated": len(sink.generated), "failed": len(sink.failures),
+              "in_metrics": len(work.state.done) + len(sink.generated)}
+    model_info = {**model_info, "hash": model_info["hash"] or sink.model_hash}
     summary = {
         "run_name": config.run_name, "output": config.output, "manifest": config.manifest, "attempt": attempt,
         "status": status, "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
         "counts": counts, "audio_seconds": audio, "wall_seconds": wall,
         "audio_seconds_per_second": audio / wall if wall > 0 else 0.0,
-        "resume": {"recorded": state.recorded, "missing_audio": state.missing_audio,
-                   "mismatched": state.mismatched},
+        "resume": {"recorded": work.state.recorded, "missing_audio": work.state.missing_audio,
+                   "mismatched": work.state.mismatched},
         "model": model_info,
         "ray": {"actors": res.actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus, "device": res.device,
                 "torch_threads": res.torch_threads},
@@ -363,7 +409,6 @@ def run(config: BatchConfig) -> dict:
     if model_info.get("trained") is False:
         summary["warning"] = (f"model {model_info['name']!r} is UNTRAINED ({model_info.get('note') or 'no note'}): "
                               "the clips are noise, useful only to exercise the pipeline")
-    storage.write_bytes(storage.join(config.output, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -383,6 +428,20 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+_ERROR_LINE = re.compile(r"\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)")
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost `SomeError: message` line of an exception (Ray puts the actor's traceback in the text)."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        match = _ERROR_LINE.match(line)
+        if match and match.group(1) not in ("UserCodeException", "RayTaskError"):
+            return f"{match.group(1)}: {match.group(2)}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
 def run_job(config: BatchConfig) -> int:
     """Run and print; exit code 0 ok, 1 failed clips or --strict rejections, 2 unusable input/output/model."""
     try:
@@ -390,16 +449,22 @@ def run_job(config: BatchConfig) -> int:
     except (ManifestError, ModelError, RunConflict, storage.StorageError, ValueError) as exc:
         print(f"batch_generate: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except Exception as exc:  # a task failed for good (e.g. a permanent storage error inside an actor)
+        print(f"batch_generate: error: generation stopped: {root_cause(exc)}. Clips written so far are kept; "
+              "rerun the same command to resume.", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     print(summary_table(summary), flush=True)
     return EXIT_OK if summary["status"] == "ok" else EXIT_FAILED
 
 
 def resolve_names(manifest_uri: str, model_uri: str, run_name: str | None, output: str | None) -> tuple[str, str]:
-    """(run name, output): defaults `<manifest stem>-<model name>` and `./outputs/<run name>`."""
+    """(run name, output): defaults `<manifest stem>-<model name>` and `./outputs/<run name>` (made absolute)."""
     if not run_name:
         try:
             name = inspect_model(model_uri)["name"]
         except ModelError:
             name = model_uri
         run_name = default_run_name(manifest_uri, name)
-    return run_name, output or os.path.join("outputs", run_name)
+    output = output or os.path.join("outputs", run_name)
+    # Absolute: actors may run in another working directory than the driver (e.g. a cluster's).
+    return run_name, output if storage.is_s3(output) else os.path.abspath(os.path.expanduser(output))

@@ -166,8 +166,9 @@ class History:
 
     def flush(self, last_step: int) -> None:
         if self.rows:
+            columns = list(dict.fromkeys(k for row in self.rows for k in row))  # validation steps add columns
             buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(self.rows), buf)
+            pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in self.rows]), buf)
             key = f"steps-{self.first:06d}-{last_step:06d}.parquet"
             storage.write_bytes(storage.join(self.run, "metrics", key), buf.getvalue())
         self.first, self.rows = last_step + 1, []

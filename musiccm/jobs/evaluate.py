@@ -250,18 +250,6 @@ def _weights(flag: str, given: str | None, default: str, howto: str, check) -> t
     return uri, {"uri": uri, "sha256_16": digest, "default_location": given is None}
 
 
-def _check_pann(uri: str) -> str:
-    state, digest = feat.load_state_dict(uri)
-    feat.PannCnn14(state)
-    return digest
-
-
-def _check_vggish(uri: str) -> str:
-    state, digest = feat.load_state_dict(uri)
-    feat.VGGish(state)
-    return digest
-
-
 def default_clap(inputs: Inputs) -> str | None:
     """The generating model's location (it holds its CLAP), if it can be read from here."""
     uris = [r.get("model_uri") for r in inputs.generation if r.get("model_uri")]
@@ -283,9 +271,9 @@ def resolve_networks(config: EvalConfig, inputs: Inputs) -> tuple[feat.Networks,
     info: dict[str, dict] = {}
     missing: dict[str, dict] = {}
     pann, info["pann"] = _weights("--pann-ckpt", config.pann_ckpt, feat.default_pann_path(), feat.PANN_HOWTO,
-                                  _check_pann)
+                                  lambda uri: feat.check_weights("pann", uri))
     vggish, info["vggish"] = _weights("--vggish-ckpt", config.vggish_ckpt, feat.default_vggish_path(),
-                                      feat.VGGISH_HOWTO, _check_vggish)
+                                      feat.VGGISH_HOWTO, lambda uri: feat.check_weights("vggish", uri))
     clap = None
     if config.no_clap:
         info["clap"] = {"reason": "--no-clap was given", "how_to_provide": "leave out --no-clap"}
@@ -422,6 +410,8 @@ def run(config: EvalConfig, use_ray: bool = True) -> dict:
     if config.train_reference is None:
         missing.setdefault("train", {"reason": "no training set given", "how_to_provide": "--train-reference"})
     storage.check_writable(config.out)
+    if networks.clap is None:  # training clips serve only SIM_AA, which needs CLAP
+        inputs.items = [i for i in inputs.items if i["set"] != "train"]
     counts = {s: sum(i["set"] == s for i in inputs.items) for s in feat.SETS}
     print(f"[evaluate] {counts['generated']} generated, {counts['reference']} reference, {counts['train']} training "
           f"clips; networks: {', '.join(n for n in ('pann', 'vggish', 'clap') if n not in missing) or 'none'}",
@@ -431,23 +421,24 @@ def run(config: EvalConfig, use_ray: bool = True) -> dict:
     # 3. Metrics on the driver.
     gen, ref = set_features(rows, "generated"), set_features(rows, "reference")
     train = inputs.train_embeddings
-    if train is None and counts["train"] and networks.clap:
-        train_set = set_features(rows, "train")
-        train = train_set.arrays.get("clap_audio", np.zeros((0, 512), np.float32))
+    if train is None and counts["train"]:
+        train = set_features(rows, "train").arrays.get("clap_audio", np.zeros((0, 512), np.float32))
     values, unavailable, notes = metrics.corpus_metrics(
         gen, ref, train, missing=missing, thresholds=config.sim_thresholds, is_splits=config.is_splits,
         kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size, seed=config.seed)
-    notes = inputs.notes + notes + _feature_notes(rows, gen, inputs, networks.clap)
+    counted = _counts(rows, inputs, gen)
+    failed = f"failed: none of the {counts['generated']} generated clips could be read (see unreadable)"
     result = report.build(
-        config=config.to_dict(), label=config.label or report.default_label(config.generated, inputs.summary),
-        inputs={"generated": config.generated, "reference": config.reference,
-                "train_reference": config.train_reference, **({"train": inputs.train_meta} if inputs.train_meta
-                                                               else {})},
-        counts=_counts(rows, inputs, gen), generation=inputs.generation, summary=inputs.summary,
-        values=values, unavailable=unavailable, notes=notes, networks=network_info,
-        unreadable=[{"set": r["set"], "id": r["id"], "uri": r["uri"], "error": r["error"]}
+        status="ok" if counted["generated"] else failed, config=config.to_dict(),
+        label=config.label or report.default_label(config.generated, inputs.summary),
+        inputs={"generated": config.generated, "reference": config.reference, "train_reference":
+                config.train_reference, **({"train": inputs.train_meta} if inputs.train_meta else {})},
+        counts=counted, generation=inputs.generation, summary=inputs.summary, values=values,
+        unavailable=unavailable, notes=inputs.notes + notes + _feature_notes(rows, gen, inputs, networks.clap),
+        networks=network_info, missing_audio=inputs.missing_audio,
+        unreadable=[{k: r[k] for k in ("set", "id", "uri", "error")}
                     for r in rows.filter(pc.is_valid(rows.column("error"))).to_pylist()],
-        missing_audio=inputs.missing_audio, started_at=started.isoformat(), wall_seconds=time.monotonic() - t0,
+        started_at=started.isoformat(), wall_seconds=time.monotonic() - t0,
     )
     # 4. Outputs.
     storage.write_bytes(storage.join(config.out, "features.parquet"), _parquet_bytes(rows))
@@ -504,11 +495,11 @@ def _train_embeddings(rows: pa.Table, clap_uri: str) -> bytes:
 
 
 def run_job(config: EvalConfig, use_ray: bool = True) -> int:
-    """Run and print; exit code 0 metrics written, 2 unusable inputs/weights/output."""
+    """Run and print; exit code 0 metrics written, 1 no generated clip readable, 2 unusable inputs/weights/output."""
     try:
         result = run(config, use_ray)
     except (ValueError, storage.StorageError, feat.WeightsError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     print(report.summary_text(result), flush=True)
-    return EXIT_OK
+    return EXIT_OK if result["status"] == "ok" else EXIT_FAILED
