@@ -44,10 +44,12 @@ def synthetic_rows(batch: int, seconds: float, seed: int = 0) -> dict[str, np.nd
     return {"audio": np.array(audio, dtype=object), "caption": np.array(captions, dtype=object)}
 
 
-def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: int) -> dict:
+def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
     """One configuration in this process: build, warm up, time ``steps`` steps; returns a result row."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from musiccm.build import build_components
     from musiccm.distill.config import DistillConfig
     from musiccm.distill.distiller import Distiller
@@ -89,11 +91,11 @@ def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: i
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | L_adv | device | batch | trainable params | data s/step | train s/step | samples/s per worker "
-            "| train-only samples/s | peak memory |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| size | L_adv | device | threads | batch | trainable params | data s/step | train s/step "
+            "| samples/s per worker | train-only samples/s | peak memory |\n" + "|---" * 11 + "|\n")
     mem = "RSS" if rows and rows[0]["device"] == "cpu" else "CUDA alloc"
     return head + "".join(
-        f"| {r['size']} | {'with' if r['adv'] else 'without'} | {r['device']} | {r['batch']} "
+        f"| {r['size']} | {'with' if r['adv'] else 'without'} | {r['device']} | {r['threads']} | {r['batch']} "
         f"| {r['trainable_m']:.1f} M | {r['prep_s']:.3f} | {r['train_s']:.3f} | {r['samples_per_s']:.3f} "
         f"| {r['train_samples_per_s']:.3f} "
         f"| {r['peak_mb']:.0f} MiB {mem} |\n" for r in rows)
@@ -110,7 +112,8 @@ def machine(device: str) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} cores{load} (torch {torch.__version__})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="clips per step (default: tiny 4, full 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's; "
+                   "use 1 on a shared machine, where oversubscribed OpenMP threads can be 10x slower)")
     p.add_argument("--write", action="store_true", help="append the table, command, machine and date to "
                    "benchmarks/RESULTS.md")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one configuration as JSON
@@ -136,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in args.sizes:
         for adv in args.adv:
-            spec = {"size": size, "adv": adv == "with", "device": device, "steps": args.steps,
-                    "warmup": args.warmup, "batch": args.batch_size or (4 if size == "tiny" else 1)}
+            spec = {"size": size, "adv": adv == "with", "device": device, "steps": args.steps, "warmup": args.warmup,
+                    "threads": args.threads, "batch": args.batch_size or (4 if size == "tiny" else 1)}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

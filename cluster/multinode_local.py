@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from musiccm.testing.seaweed import SeaweedFS, free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = {job: ROOT / f"cluster/kuberay/rayjob-{job}.yaml" for job in ("batch", "distill")}
 BUCKET = "musiccm"
@@ -94,7 +96,7 @@ def localize(
     return [*out, *add]
 
 
-def local_commands(s3: str, run: str, head_id: str | None = None) -> dict[str, list[str]]:
+def local_commands(s3: str, run: str) -> dict[str, list[str]]:
     """The two local entrypoints: the manifests' commands on this machine's S3 and CPUs."""
     batch = localize(
         manifest_argv("batch"),
@@ -165,12 +167,6 @@ def stage_inputs(s3_uri: str, workdir: Path) -> dict[str, int]:
 # ---------------------------------------------------------------- a two-node Ray cluster
 
 
-def free_port_block(n: int) -> list[int]:
-    from musiccm.testing.seaweed import free_ports
-
-    return free_ports(n)
-
-
 @dataclass
 class LocalRay:
     """A head and a second node, each `ray start --block` in its own process group."""
@@ -187,7 +183,7 @@ class LocalRay:
     def _node_ports(self, prefix: str) -> list[str]:
         names = ["node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
                  "dashboard-agent-grpc-port", "dashboard-agent-listen-port"]
-        ports = free_port_block(len(names))
+        ports = free_ports(len(names))
         self.ports.update({f"{prefix}.{n}": p for n, p in zip(names, ports, strict=True)})
         return [f"--{n}={p}" for n, p in zip(names, ports, strict=True)]
 
@@ -202,7 +198,7 @@ class LocalRay:
 
     def start(self) -> None:
         """Spawn the head, then (once its GCS port answers) the second node; `wait_nodes(2)` waits for both."""
-        gcs, dash, client = free_port_block(3)
+        gcs, dash, client = free_ports(3)
         self.ports.update(gcs=gcs, dashboard=dash, client=client)
         base = 20000 + (os.getpid() % 200) * 200  # worker port ranges of 100, distinct per node and per run
         self._spawn("head", ["--head", f"--port={gcs}", f"--temp-dir={self.workdir / 'ray'}",
@@ -373,7 +369,7 @@ def check_distill(cluster: LocalRay, s3: str, run: str, nodes: dict[str, str]) -
 
 
 def distill_worker_nodes(files: list[str]) -> list[str]:
-    """Node ids the distillation job records in the JSON files of its run (none as of this writing)."""
+    """Node ids the distillation job records in the JSON files of its run (if it ever does)."""
     from musiccm import storage
 
     ids: list[str] = []
@@ -405,8 +401,7 @@ def _find_node_ids(doc: Any) -> list[str]:
 
 
 def run(jobs: list[str], workdir: Path, timeout_s: float) -> dict:
-    from musiccm.testing.seaweed import SeaweedFS
-
+    """Start S3 and the two nodes, stage the inputs, run and check each job, tear everything down."""
     marker = uuid.uuid4().hex
     report: dict[str, Any] = {"jobs": {}, "workdir": str(workdir)}
     t0 = time.monotonic()
@@ -418,8 +413,8 @@ def run(jobs: list[str], workdir: Path, timeout_s: float) -> dict:
         # The Ray nodes get no S3 settings: the jobs receive them through runtime_env env_vars, as on a
         # cluster without instance profiles (DESIGN.md §5).
         venv_bin = str(Path(sys.executable).parent)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in ("RAY_ADDRESS",
-                                                                                              "RAY_AUTH_TOKEN_PATH")}
+        dropped = ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in dropped}
         env.update({MARKER: marker, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
                     "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

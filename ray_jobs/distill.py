@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         ray.init()
     try:
-        check_cluster(config, args.cpus_per_worker, ray.cluster_resources())
+        if args.resource_check:
+            check_cluster(config, args.cpus_per_worker, ray.cluster_resources())
     except PreflightError as exc:
         return error(str(exc))
     from musiccm.jobs.distill_run import build_trainer, summarize, write_summary

@@ -14,9 +14,8 @@ import pytest
 
 from musiccm import storage
 from musiccm.batch import manifest, metrics, resume
-from musiccm.batch.config import BatchConfig, default_run_name
+from musiccm.batch.config import BatchConfig, default_run_name, plan_resources
 from musiccm.batch.manifest import ManifestError
-from musiccm.jobs.batch import plan_resources
 from musiccm.results import read_audio, read_metrics
 
 MAX = 600.0

@@ -183,6 +183,13 @@ def test_entrypoint_script_exists_and_accepts_its_flags(where, argv):
             f"{where}: {flag} {'needs a value' if known[flag] else 'is a switch'} but got {value!r}")
 
 
+def test_help_parser_tells_switches_from_valued_flags():
+    skip_if_missing("ray_jobs/batch_generate.py")
+    known = help_flags("ray_jobs/batch_generate.py")
+    assert known["--num-actors"] is True and known["--manifest"] is True and known["--dtype"] is True
+    assert known["--strict"] is False and "--num-actor" not in known and "--help" in known
+
+
 def test_rayjob_entrypoints_are_the_readme_commands_word_for_word():
     readme = readme_commands(CLUSTER / "README.md")
     for job, path in RAYJOBS.items():
@@ -295,6 +302,8 @@ def test_rayjob_resources_fit_its_worker_groups(job):
     at_start = [(g.get("replicas", g.get("minReplicas", 0)), *pod_resources(g)) for g in groups]
     assert all(count > 0 and gpus > 0 for count, _, gpus in at_start), at_start
     assert fits((units, cpu, gpu), at_start), f"{job}: {units} x ({cpu} CPU, {gpu} GPU) do not fit {at_start}"
+    # distill.py's preflight also wants one CPU beyond the workers' for Ray Data's read tasks.
+    assert units * cpu + 1 <= sum(count * cpus for count, cpus, _ in at_start) + head_cpus
     for g in groups:
         assert g.get("minReplicas", 0) <= g.get("replicas", 0) <= g.get("maxReplicas", 2**31 - 1)
 

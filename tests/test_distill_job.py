@@ -263,6 +263,8 @@ def test_preflight_num_workers_and_storage(tmp_path: Path, capsys: pytest.Captur
                                            s3: SeaweedFS) -> None:
     manifest = local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}])
     expect_usage_error(["--train-manifest", manifest, "--num-workers", "0"], capsys, "num_workers", ">= 1")
+    expect_usage_error(["--train-manifest", manifest, "--num-workers", "2", "--storage", str(tmp_path / "r")], capsys,
+                       "1 rows", "--num-workers is 2")
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
     expect_usage_error(["--train-manifest", manifest, "--storage", str(blocker / "runs")], capsys, "--storage",

@@ -1,8 +1,8 @@
 """Evaluation end to end: feature networks against audioldm_eval's own code, safe weight loading, the job.
 
-Weights are RANDOMLY INITIALISED Cnn14 (the PANNs release's `{"model": ..., "sampler": numpy}` pickle
-form), VGGish (.safetensors) and a tiny CLAP saved to files and passed by path: the code path real
-weights take. The generated set is a real batch-output layout (metric shards written with
+Weights are RANDOMLY INITIALISED Cnn14 (`{"model": state_dict}` as the PANNs release), VGGish (a plain
+state dict as torch.hub caches it) and a tiny CLAP saved to files and passed by path: the code path
+real weights take. The generated set is a real batch-output layout (metric shards written with
 `musiccm.batch.metrics`, FLAC clips) of short synthetic tones; the reference set shares their ids
 (KL pairs by id) and adds an unreadable file and a 22.05 kHz stereo file. The job runs as users run
 it, `python ray_jobs/evaluate.py ...` in a subprocess with its own local Ray, on local disk and on
@@ -79,27 +79,30 @@ def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], step
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Random Cnn14 (.pth, {"model": state_dict}), VGGish (.safetensors), tiny CLAP (transformers directory)."""
+    """Random Cnn14 (.pth, {"model": state_dict}), VGGish (in a torch.hub cache layout), tiny CLAP directory."""
     spec = importlib.util.spec_from_file_location("make_weights", REPO / "scripts" / "make_random_eval_weights.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     root = tmp_path_factory.mktemp("weights")
     return {
         "pann": str(make.make_pann(root / F.PANN_FILE, seed=0)),
-        "vggish": str(make.make_vggish(root / "vggish.safetensors", seed=0)),
+        "vggish": str(make.make_vggish(root / "torch-home" / "hub" / "checkpoints" / F.VGGISH_FILE, seed=0)),
+        "torch_home": str(root / "torch-home"),
         "clap": str(make.make_clap(root / "clap", seed=0)),
     }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """gen/ (6 tones, one unreadable clip, one row without audio), ref/ (same ids, other tones, extras), train/."""
+    """gen/ (6 tones, an unreadable clip, a row without audio), ref/ (4 of the ids, other tones, extras), train/."""
     root = tmp_path_factory.mktemp("evaldata")
     gen, ref, train = str(root / "gen"), str(root / "ref"), str(root / "train")
     write_batch_output(gen, [(f"c{i}", f"calm piano number {i}", tone(f, seed=i)) for i, f in enumerate(FREQS)],
                        steps=4, name="tiny-student")
-    for i, f in enumerate(FREQS):
+    for i, f in enumerate(FREQS[:4]):  # c0..c3 pair with generated clips; extra-* do not
         storage.write_bytes(f"{ref}/c{i}.flac", audio_io.encode(tone(f * 1.07, seed=10 + i), SR, "flac"))
+    for i in range(2):
+        storage.write_bytes(f"{ref}/extra-{i}.flac", audio_io.encode(tone(250 + 100 * i, seed=30 + i), SR, "flac"))
     storage.write_bytes(f"{ref}/broken.wav", b"RIFF....WAVEfmt but nothing else")
     buf = io.BytesIO()
     sf.write(buf, np.stack([tone(300, sr=22050), tone(301, sr=22050)], 1), 22050, format="WAV")
@@ -191,6 +194,11 @@ def test_weight_files_are_never_unpickled_beyond_tensors_and_numpy(tmp_path: Pat
                tmp_path / "panns-like.pth")
     state, digest = F.load_state_dict(str(tmp_path / "panns-like.pth"), digest=True)
     assert set(state) == {"weight", "bias"} and len(digest) == 16
+    from safetensors.torch import save_file
+
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded, _ = F.load_state_dict(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
     with pytest.raises(F.WeightsError, match=r"missing: bias.*unexpected: extra"):
         F.fit(torch.nn.Linear(3, 2), {"weight": torch.zeros(2, 3), "extra": torch.zeros(1)}, "test")
     with pytest.raises(F.WeightsError, match="shape"):
@@ -220,7 +228,7 @@ def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], d
     assert result["schema_version"] == 1 and result["label"] == "tiny-student-4step"
     assert result["model"]["name"] == "tiny-student" and result["steps"] == 4
     assert result["latency"]["seconds_per_clip_mean"] == pytest.approx(0.2)
-    assert result["counts"] == {"generated": 6, "reference": 7, "train": 4, "paired_for_kl": 6, "unreadable": 2,
+    assert result["counts"] == {"generated": 6, "reference": 7, "train": 4, "paired_for_kl": 4, "unreadable": 2,
                                 "missing_audio": 1, "vggish_clips_generated": 6}
     assert {(u["set"], u["id"]) for u in result["unreadable"]} == {("generated", "c9"), ("reference", "broken")}
     assert all(u["error"].startswith("unreadable:") for u in result["unreadable"])
@@ -236,7 +244,8 @@ def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], d
     assert m["frechet_audio_distance"] == pytest.approx(M.frechet_audio_distance(gen["vggish"], ref["vggish"]),
                                                         rel=1e-6)
     gi, ri = M.pair_by_id(gen["ids"], ref["ids"])
-    assert [gen["ids"][i] for i in gi] == [f"c{i}" for i in range(6)]
+    assert [gen["ids"][i] for i in gi] == [f"c{i}" for i in range(4)]
+    assert any("KL over the 4 of 6 generated clips" in n for n in result["notes"])
     assert m["kullback_leibler_divergence_softmax"] == pytest.approx(
         M.kl_divergence(gen["logits"][gi], ref["logits"][ri])["softmax"], rel=1e-6)
     assert m["inception_score_mean"] == pytest.approx(M.inception_score(gen["logits"])[0], rel=1e-9)
@@ -323,25 +332,20 @@ def test_missing_weights_are_reported_and_the_rest_still_runs(
     assert {u["id"] for u in result["unreadable"]} == {"c9", "broken"}
 
 
-def test_unpaired_reference_and_default_weight_location(
-        weights: dict[str, str], data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """KL only when ids match (a note otherwise); Cnn14 found at audioldm_eval's ./ckpt/ location."""
+def test_weights_are_found_at_the_libraries_default_locations(
+        weights: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No flags: Cnn14 from audioldm_eval's ./ckpt/, VGGish from torch.hub's cache, CLAP from the run's model."""
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / F.PANN_FILE).symlink_to(weights["pann"])
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    for i in range(4):
-        storage.write_bytes(str(tmp_path / "ref" / f"other-{i}.wav"), audio_io.encode(tone(200 + 90 * i), SR, "wav"))
-    config = E.EvalConfig(generated=data["gen"], reference=str(tmp_path / "ref"), out=str(tmp_path / "out"),
-                          no_clap=True)
-    result = E.run(config, use_ray=False)
-    m, why = result["metrics"], result["unavailable"]
-    assert result["networks"]["pann"]["default_location"] is True
-    assert m["kullback_leibler_divergence_softmax"] is None and m["kullback_leibler_divergence_sigmoid"] is None
-    assert "none of the 6 generated ids matches a reference id" in why["kullback_leibler_divergence_softmax"]["reason"]
-    assert result["counts"]["paired_for_kl"] == 0
-    assert m["frechet_distance"] is not None and m["inception_score_mean"] is not None
-    assert why["clap_text_audio_mean"]["reason"] == "--no-clap was given"
+    monkeypatch.setenv("TORCH_HOME", weights["torch_home"])
+    config = E.EvalConfig(generated="unused", reference="unused", out="unused")
+    inputs = E.Inputs(generation=[{"id": "a", "model_uri": DEFAULT_MODEL}])
+    networks, info, missing = E.resolve_networks(config, inputs)
+    assert networks == F.Networks(pann=str(tmp_path / "ckpt" / F.PANN_FILE), vggish=weights["vggish"],
+                                  clap=DEFAULT_MODEL)
+    assert missing == {} and info["pann"]["default_location"] and info["vggish"]["default_location"]
+    assert info["clap"]["own_model"] and len(info["vggish"]["sha256_16"]) == 16
 
 
 def load_script():

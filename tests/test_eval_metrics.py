@@ -198,7 +198,8 @@ def test_corpus_metrics_computes_everything_it_has_features_for() -> None:
     rng = np.random.default_rng(7)
     gen = features([f"c{i}" for i in range(20)], rng)
     ref = features([f"c{i}" for i in range(20)], rng, shift=0.5, text=False)
-    values, unavailable, notes = M.corpus_metrics(gen, ref, gen.arrays["clap_audio"][:5], kid_subset_size=20)
+    values, unavailable, notes = M.corpus_metrics(gen, ref, gen.arrays["clap_audio"][:5], kid_subset_size=20,
+                                                  is_splits=2)
     assert set(unavailable) == {"clap_text_audio_reference_mean", "clap_text_audio_reference_std"}
     assert "no captions" in unavailable["clap_text_audio_reference_mean"]["reason"]
     assert values["frechet_distance"] == pytest.approx(
@@ -210,7 +211,9 @@ def test_corpus_metrics_computes_everything_it_has_features_for() -> None:
     assert values["sim_aa@0.95"] == pytest.approx(5 / 20)  # the 5 training vectors are copies of 5 clips
     assert values["inception_score_mean"] >= 1.0
     assert -1 <= values["clap_text_audio_mean"] <= 1
-    assert notes == []
+    assert notes == []  # 10 clips per IS split, every id paired
+    assert any("IS over 6 split(s) of ~1 clip(s)" in n
+               for n in M.corpus_metrics(features(list("abcdef"), rng), ref, None)[2])
 
 
 def test_missing_networks_make_only_their_metrics_unavailable() -> None:

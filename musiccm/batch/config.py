@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from musiccm.defaults import DEFAULT_MODEL
@@ -114,3 +114,37 @@ def _is_int(value: object) -> bool:
 
 def _positive(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclass
+class Resources:
+    """How the actor pool is placed."""
+
+    actors: int
+    num_gpus: float
+    num_cpus: float
+    device: str
+    torch_threads: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_resources(config: BatchConfig, cluster: dict[str, float]) -> Resources:
+    """One GPU per actor when the cluster has GPUs; otherwise CPU actors leaving one CPU for other tasks."""
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
+    wants_gpu = config.device is None or config.device.startswith("cuda")
+    notes = []
+    if gpus >= 1 and wants_gpu:
+        actors = min(config.num_actors, int(gpus))
+        if actors < config.num_actors:
+            notes.append(f"--num-actors {config.num_actors} > {int(gpus)} GPUs in the cluster: using {actors}")
+        return Resources(actors, 1, config.cpus_per_actor or 1, config.device or "cuda", config.torch_threads, notes)
+    if config.device is not None and config.device.startswith("cuda"):
+        raise ValueError(f"--device {config.device}: the Ray cluster has no GPUs")
+    spare = max(cpus - 1, cpus / 2)  # headroom: a pool holding every CPU starves the other tasks and hangs
+    actors = max(1, min(config.num_actors, int(spare)))
+    if actors < config.num_actors:
+        notes.append(f"--num-actors {config.num_actors} needs more than the {cpus:g} CPUs less one: using {actors}")
+    share = spare / actors
+    num_cpus = config.cpus_per_actor or (math.floor(share) if share >= 1 else round(share, 2))
+    threads = config.torch_threads or max(1, int(cpus // actors))
+    return Resources(actors, 0, num_cpus, config.device or "cpu", threads, notes)

@@ -1,4 +1,4 @@
-"""Per-clip metric rows, their Parquet schema, newest-row-per-id dedupe and atomic shard writing."""
+"""Per-clip metric rows, their Parquet schema, newest-row-per-id dedupe, atomic shards and the driver's sink."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from musiccm import audio_io, storage
+from musiccm.batch.config import BatchConfig
 
 # Core columns of every metric row; carried-through manifest columns follow them.
 METRIC_SCHEMA = pa.schema(
@@ -201,3 +203,68 @@ class ShardWriter:
         self.rows_written += len(chunk)
         self._buffer = {r["id"]: r for r in rest} if isinstance(self._buffer, dict) else rest
         self._last_write = time.monotonic()
+
+
+# ---------------------------------------------------------------- the driver side of a run
+
+
+class Sink:
+    """Receives stage rows: metric rows → metric shards, failures → error rows; prints progress."""
+
+    def __init__(self, config: BatchConfig, attempt: str, total: int) -> None:
+        self.config, self.total = config, total
+        self.writer: ShardWriter | None = None
+        self.attempt = attempt
+        self.generated: dict[str, float] = {}  # id → audio seconds (unique: retried rows count once)
+        self.failures: dict[str, str] = {}
+        self.model_hash: str | None = None
+        self.started = time.monotonic()
+        self._last_print = 0.0
+
+    def add(self, batch: pa.Table) -> None:
+        failed = pc.is_valid(batch.column("error"))
+        for row in batch.filter(failed).select(["id", "error"]).to_pylist():
+            self.failures[row["id"]] = row["error"]
+        ok = batch.filter(pc.invert(failed)).drop_columns(["error"])
+        if ok.num_rows:
+            if self.writer is None:
+                self.writer = ShardWriter(
+                    storage.join(self.config.output, "metrics"), self.attempt, ok.schema,
+                    self.config.metrics_rows_per_shard, self.config.metrics_flush_s)
+            rows = ok.to_pylist()
+            self.writer.add(rows)
+            for row in rows:
+                self.generated[row["id"]] = row["duration_s"]
+                self.failures.pop(row["id"], None)
+            self.model_hash = self.model_hash or rows[0]["model_hash"]
+        self.progress()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.progress(force=True)
+
+    def progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_print < self.config.progress_s:
+            return
+        self._last_print = now
+        done = len(self.generated) + len(self.failures)
+        elapsed = now - self.started
+        audio = sum(self.generated.values())
+        eta = f", ETA {elapsed / done * (self.total - done):.0f} s" if 0 < done < self.total else ""
+        print(f"[batch] {done}/{self.total} clips ({len(self.failures)} failed), {audio:.1f} audio-s in "
+              f"{elapsed:.0f} s = {audio / max(elapsed, 1e-9):.2f} audio-s/s{eta}", flush=True)
+
+
+def write_errors(output: str, attempt: str, rows: list[dict]) -> None:
+    """This attempt's error shard(s); older attempts' error shards are removed once it is written."""
+    directory = storage.join(output, "errors")
+    old = storage.list_files(directory, suffix=".parquet")
+    if rows:
+        writer = ShardWriter(directory, attempt, ERROR_SCHEMA, 100_000, 1e9, unique_ids=False)
+        writer.add(rows)
+        writer.close()
+    for uri in old:
+        if not uri.rsplit("/", 1)[-1].startswith(attempt):
+            storage.delete(uri)

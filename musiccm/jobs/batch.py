@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import platform
 import re
@@ -28,7 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,10 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from musiccm import model, storage
-from musiccm.batch import manifest, metrics, resume
-from musiccm.batch.config import BatchConfig, default_run_name
+from musiccm.batch import manifest, resume
+from musiccm.batch.config import BatchConfig, Resources, default_run_name, plan_resources
 from musiccm.batch.generator_stage import GeneratorStage
 from musiccm.batch.manifest import ManifestError
+from musiccm.batch.metrics import Sink, write_errors
 from musiccm.model import ModelError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -128,49 +128,14 @@ def claim_output(config: BatchConfig, model_info: dict, attempt: str) -> None:
 # ---------------------------------------------------------------- Ray parts
 
 
-@dataclass
-class Resources:
-    """How the actor pool is placed."""
-
-    actors: int
-    num_gpus: float
-    num_cpus: float
-    device: str
-    torch_threads: int | None
-    notes: list[str] = field(default_factory=list)
-
-
-def plan_resources(config: BatchConfig, cluster: dict[str, float]) -> Resources:
-    """One GPU per actor when the cluster has GPUs; otherwise CPU actors leaving one CPU for other tasks."""
-    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
-    wants_gpu = config.device is None or config.device.startswith("cuda")
-    notes = []
-    if gpus >= 1 and wants_gpu:
-        actors = min(config.num_actors, int(gpus))
-        if actors < config.num_actors:
-            notes.append(f"--num-actors {config.num_actors} > {int(gpus)} GPUs in the cluster: using {actors}")
-        return Resources(actors, 1, config.cpus_per_actor or 1, config.device or "cuda", config.torch_threads, notes)
-    if config.device is not None and config.device.startswith("cuda"):
-        raise ValueError(f"--device {config.device}: the Ray cluster has no GPUs")
-    spare = max(cpus - 1, cpus / 2)  # headroom: a pool holding every CPU starves the other tasks and hangs
-    actors = max(1, min(config.num_actors, int(spare)))
-    if actors < config.num_actors:
-        notes.append(f"--num-actors {config.num_actors} needs more than the {cpus:g} CPUs less one: using {actors}")
-    share = spare / actors
-    num_cpus = config.cpus_per_actor or (math.floor(share) if share >= 1 else round(share, 2))
-    threads = config.torch_threads or max(1, int(cpus // actors))
-    return Resources(actors, 0, num_cpus, config.device or "cpu", threads, notes)
-
-
 def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig) -> pa.Table:
     """Read the manifest with Ray Data and validate rows in Ray tasks; the checked table comes to the driver."""
     import ray
 
-    if storage.is_s3(files[0]):
-        fs, _ = storage.pyarrow_fs(files[0])
-        ds = ray.data.read_parquet([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs)
-    else:  # local:// pins the read tasks to the driver's node, where the files are
-        ds = ray.data.read_parquet([f"local://{storage.pyarrow_fs(f)[1]}" for f in files])
+    # Local manifests are read by absolute path: on a multi-node cluster they must be on shared storage
+    # (or inside `ray job submit --working-dir`, which every node gets).
+    fs, _ = storage.pyarrow_fs(files[0])
+    ds = ray.data.read_parquet([storage.pyarrow_fs(f)[1] for f in files], filesystem=fs)
     checked = ds.map_batches(
         manifest.check_batch,
         batch_format="pyarrow",
@@ -206,71 +171,6 @@ def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink) ->
         )
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.add(batch)
-
-
-# ---------------------------------------------------------------- driver-side sink and progress
-
-
-class Sink:
-    """Receives stage rows: metric rows → metric shards, failures → error rows; prints progress."""
-
-    def __init__(self, config: BatchConfig, attempt: str, total: int) -> None:
-        self.config, self.total = config, total
-        self.writer: metrics.ShardWriter | None = None
-        self.attempt = attempt
-        self.generated: dict[str, float] = {}  # id → audio seconds (unique: retried rows count once)
-        self.failures: dict[str, str] = {}
-        self.model_hash: str | None = None
-        self.started = time.monotonic()
-        self._last_print = 0.0
-
-    def add(self, batch: pa.Table) -> None:
-        failed = pc.is_valid(batch.column("error"))
-        for row in batch.filter(failed).select(["id", "error"]).to_pylist():
-            self.failures[row["id"]] = row["error"]
-        ok = batch.filter(pc.invert(failed)).drop_columns(["error"])
-        if ok.num_rows:
-            if self.writer is None:
-                self.writer = metrics.ShardWriter(
-                    storage.join(self.config.output, "metrics"), self.attempt, ok.schema,
-                    self.config.metrics_rows_per_shard, self.config.metrics_flush_s)
-            rows = ok.to_pylist()
-            self.writer.add(rows)
-            for row in rows:
-                self.generated[row["id"]] = row["duration_s"]
-                self.failures.pop(row["id"], None)
-            self.model_hash = self.model_hash or rows[0]["model_hash"]
-        self.progress()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.progress(force=True)
-
-    def progress(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_print < self.config.progress_s:
-            return
-        self._last_print = now
-        done = len(self.generated) + len(self.failures)
-        elapsed = now - self.started
-        audio = sum(self.generated.values())
-        eta = f", ETA {elapsed / done * (self.total - done):.0f} s" if 0 < done < self.total else ""
-        print(f"[batch] {done}/{self.total} clips ({len(self.failures)} failed), {audio:.1f} audio-s in "
-              f"{elapsed:.0f} s = {audio / max(elapsed, 1e-9):.2f} audio-s/s{eta}", flush=True)
-
-
-def write_errors(output: str, attempt: str, rows: list[dict]) -> None:
-    """This attempt's error shard(s); older attempts' error shards are removed once it is written."""
-    directory = storage.join(output, "errors")
-    old = storage.list_files(directory, suffix=".parquet")
-    if rows:
-        writer = metrics.ShardWriter(directory, attempt, metrics.ERROR_SCHEMA, 100_000, 1e9, unique_ids=False)
-        writer.add(rows)
-        writer.close()
-    for uri in old:
-        if not uri.rsplit("/", 1)[-1].startswith(attempt):
-            storage.delete(uri)
 
 
 # ---------------------------------------------------------------- the run

@@ -115,6 +115,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     job.add_argument("--cpus-per-worker", type=float, default=1.0,
                      help="Ray CPUs reserved per training worker (default 1). Leave at least one CPU of the "
                      "cluster free for the Ray Data read tasks, or the data stream stalls")
+    job.add_argument("--no-resource-check", dest="resource_check", action="store_false",
+                     help="skip the preflight check of the cluster's GPUs/CPUs (for autoscaling clusters whose "
+                     "worker nodes are not up yet)")
     return p
 
 

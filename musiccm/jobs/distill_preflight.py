@@ -34,15 +34,22 @@ class ManifestInfo:
     columns: tuple[str, ...]
 
 
+def _absolute(uri: str) -> str:
+    """Local paths made absolute (Ray workers do not share the driver's working directory); s3:// unchanged."""
+    return uri if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
 def resolve_locations(config: DistillConfig) -> DistillConfig:
-    """Fill the storage default (./outputs/runs, absolute) and the export default ({storage}/{name}/export)."""
-    root = config.storage or LOCAL_STORAGE
-    if not storage.is_s3(root):
-        root = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
-    output = config.output or storage.join(root, config.name, "export")
-    if not storage.is_s3(output):
-        output = os.path.abspath(os.path.expanduser(output.removeprefix("file://")))
-    return config.replace(storage=root, output=output)
+    """Absolute local paths; storage default ./outputs/runs; export default {storage}/{name}/export."""
+    root = _absolute(config.storage or LOCAL_STORAGE)
+    output = _absolute(config.output or storage.join(root, config.name, "export"))
+    teacher = config.teacher
+    if not storage.is_s3(teacher) and os.path.exists(os.path.expanduser(teacher)):  # else a hub id
+        teacher = _absolute(teacher)
+    audiomae = _absolute(config.audiomae_path) if config.audiomae_path else None
+    manifest = _absolute(config.train_manifest) if config.train_manifest else ""
+    return config.replace(storage=root, output=output, teacher=teacher, audiomae_path=audiomae,
+                          train_manifest=manifest)
 
 
 def run_uri(config: DistillConfig) -> str:
@@ -126,6 +133,11 @@ def preflight(config: DistillConfig) -> tuple[DistillConfig, ManifestInfo]:
     """All checks that need no Ray: returns the config with resolved locations and the manifest facts."""
     config = resolve_locations(config)
     check_teacher(config.teacher)
+    if config.audiomae_path and not os.path.isfile(config.audiomae_path):
+        raise PreflightError(f"--audiomae-path {config.audiomae_path}: no such file; need a local .safetensors file")
     info = check_manifest(config.train_manifest)
+    if info.rows < config.num_workers:
+        raise PreflightError(f"--train-manifest has {info.rows} rows but --num-workers is {config.num_workers}: "
+                             "every worker needs at least one row per epoch")
     check_storage(config)
     return config, info
