@@ -80,6 +80,11 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``musiccm`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["results"]:  # its own parser (musiccm/results.py), --help included
+        from musiccm.results import results_main
+
+        return results_main(argv[1:])
     parser = argparse.ArgumentParser(prog="musiccm", description="Few-step text-to-music with MusicCM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
@@ -87,10 +92,6 @@ def main(argv: list[str] | None = None) -> int:
                          add_help=False)
     res.add_argument("rest", nargs=argparse.REMAINDER, help="OUTPUT [options]; see `musiccm results --help`")
     args = parser.parse_args(argv)
-    if args.command == "results":
-        from musiccm.results import results_main
-
-        return results_main(args.rest)
     _quiet_libraries()
     try:
         return generate(args)
