@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     a("--pann-ckpt", default=None, help="Cnn14 16 kHz weights Cnn14_16k_mAP=0.438.pth (.pth or .safetensors, local "
       "or s3://; default ./ckpt/Cnn14_16k_mAP=0.438.pth if it exists). Needed for FD_pann, IS, KL, KID")
     a("--vggish-ckpt", default=None, help="VGGish weights vggish-10086976.pth (.pth or .safetensors, local or s3://; "
-      "default $TORCH_HOME/hub/checkpoints/vggish-10086976.pth if it exists). Needed for FD_vgg")
+      "default torch.hub's cache, $TORCH_HOME/hub/checkpoints/vggish-10086976.pth with TORCH_HOME=~/.cache/torch, "
+      "if it exists). Needed for FD_vgg")
     a("--clap-model", default=None, help="CLAP for the text-audio score and SIM_AA: a MusicLDM-layout model "
       "directory or a transformers ClapModel directory (local or s3://); default: the generating model's own CLAP")
     a("--no-clap", action="store_true", help="skip the CLAP metrics")

@@ -426,3 +426,15 @@ def test_rerun_with_the_same_name_resumes(rerun: Outcome) -> None:
     assert storage.exists(f"{RUN}/validation/step-000006/metrics.parquet")
     meta = json.loads(storage.read_bytes(f"{RUN}/export/model_index.json"))
     assert meta["musiccm"]["distill"]["step"] == 6
+
+
+def test_summary_of_a_failed_run_names_the_error(tmp_path: Path) -> None:
+    from musiccm.jobs.distill_preflight import ManifestInfo, resolve_locations
+    from musiccm.jobs.distill_run import summarize
+
+    config = resolve_locations(DistillConfig(train_manifest="m.parquet", storage=str(tmp_path / "runs"), name="r"))
+    manifest = ManifestInfo(path="m.parquet", rows=3, files=1, columns=("uri",))
+    s = summarize(config, manifest, None, RuntimeError("worker group failed\nTraceback ..."), 1.5)
+    assert (s["status"], s["error"], s["export"], s["checkpoint"]) == ("failed", "RuntimeError: worker group failed",
+                                                                      None, None)
+    assert s["run"] == str(tmp_path / "runs" / "r") and s["config"]["output"] == str(tmp_path / "runs" / "r" / "export")

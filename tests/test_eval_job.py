@@ -113,12 +113,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"root": str(root), "gen": gen, "ref": ref, "train": train}
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python ray_jobs/evaluate.py ...` with a fresh local Ray instance."""
     env = {**os.environ, **(env or {}), "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
 
 
+
+
+def low_rank_fd(x: np.ndarray, y: np.ndarray) -> float:
+    """Reference Fréchet distance for N ≪ D without a 2048² sqrtm: Tr((Σx Σy)^½) = ‖Xc Ycᵀ‖_* / √((n−1)(m−1))."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    nuclear = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((len(x) - 1) * (len(y) - 1))
+    traces = (xc**2).sum() / (len(x) - 1) + (yc**2).sum() / (len(y) - 1)
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + traces - 2 * nuclear)
 
 
 def read_json(uri: str) -> dict:
@@ -240,7 +250,7 @@ def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], d
     gen, ref = feature_arrays(f"{out}/features.parquet", "generated"), feature_arrays(f"{out}/features.parquet",
                                                                                        "reference")
     m = result["metrics"]
-    assert m["frechet_distance"] == pytest.approx(M.frechet_distance(gen["emb"], ref["emb"]), rel=1e-6)
+    assert m["frechet_distance"] == pytest.approx(low_rank_fd(gen["emb"], ref["emb"]), rel=1e-4)
     assert m["frechet_audio_distance"] == pytest.approx(M.frechet_audio_distance(gen["vggish"], ref["vggish"]),
                                                         rel=1e-6)
     gi, ri = M.pair_by_id(gen["ids"], ref["ids"])
@@ -281,42 +291,66 @@ def s3() -> Iterator[SeaweedFS]:
 
 @pytest.mark.slow
 def test_job_on_s3_self_evaluation_appends_a_row(s3: SeaweedFS, local_run: tuple[str, subprocess.CompletedProcess],
-                                                 data: dict[str, str], weights: dict[str, str]) -> None:
-    """Generated = reference on S3: FD ≈ 0 and KL ≈ 0; the S3 table gains a second row; the model's CLAP from S3."""
+                                                 data: dict[str, str], weights: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    """Generated = reference on S3: FD_vgg ≈ 0; the S3 table gains a row; CLAP and weights read from S3.
+
+    No Cnn14 here (its metrics show as n/a): its end-to-end numbers are checked by the local run, and
+    its 2048-d Fréchet distance costs ~20 CPU-seconds.
+    """
     out_local, proc = local_run
     assert proc.returncode == 0
+    net = torch.nn.Linear(4, 3)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict()}, buf)
+    storage.write_bytes("s3://eval/weights/small.pth", buf.getvalue())
+    state, digest = F.load_state_dict("s3://eval/weights/small.pth", digest=True)
+    assert torch.equal(state["weight"], net.weight) and len(digest) == 16
+    with pytest.raises(F.WeightsError, match="no such object"):
+        F.load_state_dict("s3://eval/weights/absent.pth")
     storage.upload_dir(data["gen"], "s3://eval/gen/run4")
     storage.upload_dir(DEFAULT_MODEL, "s3://eval/models/default")
     storage.write_file("s3://eval/train.parquet", f"{out_local}/train_clap_embeddings.parquet")
     storage.write_file("s3://eval/table.md", f"{out_local}/table.md")
     proc = cli("--generated", "s3://eval/gen/run4", "--reference", "s3://eval/gen/run4",
                "--train-reference", "s3://eval/train.parquet", "--out", "s3://eval/out/self",
-               "--table", "s3://eval/table.md", "--label", "self", "--pann-ckpt", weights["pann"],
-               "--vggish-ckpt", weights["vggish"], "--clap-model", "s3://eval/models/default", env=s3.env)
+               "--table", "s3://eval/table.md", "--label", "self", "--vggish-ckpt", weights["vggish"],
+               "--clap-model", "s3://eval/models/default", env=s3.env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result, first = read_json("s3://eval/out/self/metrics.json"), read_json(f"{out_local}/metrics.json")
     m, m1 = result["metrics"], first["metrics"]
-    assert result["counts"]["generated"] == result["counts"]["reference"] == result["counts"]["paired_for_kl"] == 6
-    assert abs(m["frechet_distance"]) < 1e-3 * m1["frechet_distance"]
+    assert result["counts"]["generated"] == result["counts"]["reference"] == 6
     assert abs(m["frechet_audio_distance"]) < 1e-3 * m1["frechet_audio_distance"]
-    assert -527e-6 * 1.02 <= m["kullback_leibler_divergence_softmax"] <= 0  # identical pairs (see the math tests)
+    assert m["frechet_distance"] is None and "--pann-ckpt" in result["unavailable"]["frechet_distance"][
+        "how_to_provide"]
     # The reference is a batch output: its metric shards caption it with the same prompts.
     assert m["clap_text_audio_reference_mean"] == pytest.approx(m["clap_text_audio_mean"], abs=1e-6)
+    assert m["clap_text_audio_mean"] == pytest.approx(m1["clap_text_audio_mean"], abs=1e-6)  # same CLAP weights
     assert m["sim_aa@0.95"] == m1["sim_aa@0.95"]  # precomputed training embeddings == embedding the audio
     assert result["networks"]["clap"]["layout"] == "musicldm" and not result["networks"]["clap"]["own_model"]
     assert result["inputs"]["train"]["clap_model"] == DEFAULT_MODEL  # the same weights, named another way:
     assert any("SIM_AA is only meaningful" in n for n in result["notes"])  # said, not guessed
+    assert {u["id"] for u in result["unreadable"]} == {"c9"}
     assert storage.exists("s3://eval/out/self/features.parquet")
     rows = report.parse_table(storage.read_bytes("s3://eval/table.md").decode())
     assert [r["Run"] for r in rows] == ["tiny-student-4step", "self"]
+    assert rows[1]["FD_pann ↓"] == "n/a" and rows[1]["FD_vgg ↓"] != "n/a"
 
 
 def test_missing_weights_are_reported_and_the_rest_still_runs(
         weights: dict[str, str], data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Cnn14/VGGish weights anywhere: their metrics are unavailable, with how to provide them; CLAP still runs.
+
+    The reference here is a Parquet (id, audio_uri relative or absolute, caption).
+    """
     monkeypatch.chdir(tmp_path)  # no ./ckpt/ here
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
-    config = E.EvalConfig(generated=data["gen"], reference=data["ref"], out=str(tmp_path / "out"),
-                          clap_model=weights["clap"], label="no-weights")
+    storage.write_file(str(tmp_path / "ref" / "clips" / "a.flac"), f"{data['ref']}/c0.flac")
+    pq.write_table(pa.table({"id": ["c0", "c1", "bad"], "audio_uri": ["clips/a.flac", f"{data['ref']}/c1.flac",
+                                                                     f"{data['ref']}/broken.wav"],
+                             "caption": ["calm piano", "fast drums", "noise"]}), tmp_path / "ref" / "index.parquet")
+    config = E.EvalConfig(generated=data["gen"], reference=str(tmp_path / "ref" / "index.parquet"),
+                          out=str(tmp_path / "out"), clap_model=weights["clap"], label="no-weights")
     result = E.run(config, use_ray=False)
     m, why = result["metrics"], result["unavailable"]
     for key in ("frechet_distance", "inception_score_mean", "kullback_leibler_divergence_softmax",
@@ -326,10 +360,11 @@ def test_missing_weights_are_reported_and_the_rest_still_runs(
         assert str(tmp_path / "ckpt" / F.PANN_FILE) in why[key]["reason"]
     assert m["frechet_audio_distance"] is None and "--vggish-ckpt" in why["frechet_audio_distance"]["how_to_provide"]
     assert "--train-reference" in why["sim_aa@0.90"]["how_to_provide"]
-    assert m["clap_text_audio_mean"] is not None  # CLAP still ran
+    assert m["clap_text_audio_mean"] is not None and m["clap_text_audio_reference_mean"] is not None  # CLAP ran
+    assert result["counts"]["reference"] == 2 and result["status"] == "ok"
     assert result["table_row"]["FD_pann ↓"] == "n/a" and result["table_row"]["IS ↑"] == "n/a"
     assert "n/a" in (tmp_path / "out" / "table.md").read_text()
-    assert {u["id"] for u in result["unreadable"]} == {"c9", "broken"}
+    assert {u["id"] for u in result["unreadable"]} == {"c9", "bad"}
 
 
 def test_weights_are_found_at_the_libraries_default_locations(

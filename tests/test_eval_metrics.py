@@ -53,6 +53,17 @@ def test_frechet_matches_the_gaussian_formula(fd, gauss: np.ndarray) -> None:
     assert fd(gauss, other) == pytest.approx(expected, rel=1e-4)
 
 
+def test_frechet_with_fewer_clips_than_dimensions_matches_the_low_rank_form() -> None:
+    """N < D (the paper: 1000 clips, 2048 dims): rank-deficient covariances, Tr((Σx Σy)^½) = ‖Xc Ycᵀ‖_*/√(…)."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((12, 64)).astype(np.float32)
+    y = (rng.standard_normal((9, 64)) * 1.5 + 0.3).astype(np.float32)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    nuclear = np.linalg.svd(xc.astype(np.float64) @ yc.T, compute_uv=False).sum() / np.sqrt(11 * 8)
+    expected = ((x.mean(0) - y.mean(0)) ** 2).sum() + (xc**2).sum() / 11 + (yc**2).sum() / 8 - 2 * nuclear
+    assert M.frechet_distance(x, y) == pytest.approx(expected, rel=1e-4)
+
+
 def test_frechet_rejects_what_it_cannot_compute(gauss: np.ndarray) -> None:
     with pytest.raises(M.MetricError, match="at least 2"):
         M.frechet_distance(gauss[:1], gauss)

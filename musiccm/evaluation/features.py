@@ -75,11 +75,14 @@ def default_vggish_path() -> str:
 
 PANN_HOWTO = (f"pass --pann-ckpt PATH to {PANN_FILE} (PANNs Cnn14 16 kHz, Zenodo record 3987831; .pth or "
               f".safetensors, local or s3://) or put it at ./ckpt/{PANN_FILE} (audioldm_eval's location)")
-VGGISH_HOWTO = (f"pass --vggish-ckpt PATH to {VGGISH_FILE} (harritaylor/torchvggish release v0.1; .pth or "
-                f".safetensors, local or s3://) or put it at $TORCH_HOME/hub/checkpoints/{VGGISH_FILE} "
-                "(torch.hub's cache)")
 CLAP_HOWTO = ("pass --clap-model PATH: a MusicLDM-layout model directory (its text_encoder, tokenizer and "
               "feature_extractor are used) or a transformers ClapModel directory, local or s3://")
+
+
+def vggish_howto() -> str:
+    """How to provide VGGish weights (names torch.hub's cache as it is now: TORCH_HOME may change)."""
+    return (f"pass --vggish-ckpt PATH to {VGGISH_FILE} (harritaylor/torchvggish release v0.1; .pth or .safetensors, "
+            f"local or s3://) or put it at {default_vggish_path()} (torch.hub's cache)")
 
 
 @contextlib.contextmanager

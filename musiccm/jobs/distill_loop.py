@@ -200,6 +200,20 @@ def export_student(distiller: Distiller, output: str) -> str:
 # ---------------------------------------------------------------- the loop
 
 
+def report_checkpoint(distiller: Distiller, metrics: dict[str, Any], position: checkpoints.WorkerPosition,
+                      state: checkpoints.JobState, history: History | None) -> None:
+    """Every rank: write its part of the checkpoint and report it (rank 0 first flushes the step history)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if position.rank == 0:
+            if history is not None:
+                history.flush(position.step)
+            checkpoints.save(tmp, position, distiller.checkpoint_tensors(), distiller.checkpoint_meta(), state)
+        else:
+            checkpoints.save(tmp, position)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoints.dir_name(position.step))
+
+
 def _restore(distiller: Distiller, rank: int, world: int, shard_rows: int) -> tuple[checkpoints.JobState, int, int]:
     """Load Ray Train's latest checkpoint, if any → (job state, this rank's epoch, rows to skip in it)."""
     ckpt = ray.train.get_checkpoint()
@@ -268,15 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step % config.checkpoint_every == 0 or last:
             position = checkpoints.WorkerPosition(rank, world, step, stream.epoch, stream.rows)
             state = checkpoints.JobState(step, stream.epoch, attempt, samples, skipped_total, world)
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    assert history is not None
-                    history.flush(step)
-                    checkpoints.save(tmp, position, distiller.checkpoint_tensors(), distiller.checkpoint_meta(), state)
-                else:
-                    checkpoints.save(tmp, position)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoints.dir_name(step))
+            report_checkpoint(distiller, metrics, position, state, history)
         else:
             ray.train.report(metrics)
     if rank == 0:

@@ -140,6 +140,16 @@ def _column(table: pa.Table, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in table.column_names), None)
 
 
+def _unique_ids(flag: str, uri: str, found: list[tuple[str, str]]) -> None:
+    """ValueError if two files map to one id (KL pairs clips by id)."""
+    seen: dict[str, str] = {}
+    for clip_id, path in found:
+        if clip_id in seen:
+            raise ValueError(f"{flag} {uri}: id {clip_id!r} names two files ({seen[clip_id]}, {path}); ids must be "
+                             "unique: rename one, or pass a Parquet with an explicit id column")
+        seen[clip_id] = path
+
+
 def read_generated(uri: str, inputs: Inputs) -> None:
     """Generated clips of a batch output (metric shards name them) or, failing that, every audio file under `uri`."""
     from musiccm import results
@@ -151,6 +161,7 @@ def read_generated(uri: str, inputs: Inputs) -> None:
             raise ValueError(f"--generated {uri}: no metric shards (metrics/*.parquet) and no audio files")
         inputs.notes.append(f"--generated {uri} has no metric shards: evaluating its {len(files)} audio files "
                             "(no prompts, so no CLAP text–audio score; no latency)")
+        _unique_ids("--generated", uri, [(_stem(f), f) for f in files])
         inputs.items += [{"set": "generated", "id": _stem(f), "uri": f, "text": None} for f in files]
         return
     audio = {PurePosixPath(f).name: f for f in _audio_files(storage.join(uri, "audio"))}
@@ -184,6 +195,8 @@ def read_reference(uri: str, inputs: Inputs) -> None:
         found = []
         for row in table.to_pylist():
             path = row[path_col]
+            if not path or row["id"] is None:
+                raise ValueError(f"--reference {uri}: a row has no id or no {path_col}: {row}")
             absolute = storage.is_s3(path) or path.startswith("/")
             found.append((str(row["id"]), path if absolute else storage.join(base, path),
                           row.get(text_col) if text_col else None))
@@ -197,12 +210,7 @@ def read_reference(uri: str, inputs: Inputs) -> None:
                 captions.update((str(r["id"]), r[text_col]) for r in table.select(["id", text_col]).to_pylist())
     if not found:
         raise ValueError(f"--reference {uri}: no audio files ({', '.join(AUDIO_SUFFIXES)})")
-    seen: dict[str, str] = {}
-    for clip_id, path, _ in found:
-        if clip_id in seen:
-            raise ValueError(f"--reference {uri}: id {clip_id!r} names two files ({seen[clip_id]}, {path}); ids must "
-                             "be unique: rename one, or pass a Parquet with an explicit id column")
-        seen[clip_id] = path
+    _unique_ids("--reference", uri, [(i, p) for i, p, _ in found])
     inputs.items += [{"set": "reference", "id": i, "uri": p, "text": t or captions.get(i)} for i, p, t in found]
 
 
@@ -273,7 +281,7 @@ def resolve_networks(config: EvalConfig, inputs: Inputs) -> tuple[feat.Networks,
     pann, info["pann"] = _weights("--pann-ckpt", config.pann_ckpt, feat.default_pann_path(), feat.PANN_HOWTO,
                                   lambda uri: feat.check_weights("pann", uri))
     vggish, info["vggish"] = _weights("--vggish-ckpt", config.vggish_ckpt, feat.default_vggish_path(),
-                                      feat.VGGISH_HOWTO, lambda uri: feat.check_weights("vggish", uri))
+                                      feat.vggish_howto(), lambda uri: feat.check_weights("vggish", uri))
     clap = None
     if config.no_clap:
         info["clap"] = {"reason": "--no-clap was given", "how_to_provide": "leave out --no-clap"}
