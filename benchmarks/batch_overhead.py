@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -107,7 +108,7 @@ def ray_job(rows: list[dict], args: argparse.Namespace, threads: int, work: str)
 
 def overhead(args: argparse.Namespace) -> list[str]:
     """Loop, job, loop again: the machine may be shared, so the job is compared with loops on both sides."""
-    threads = torch.get_num_threads()
+    threads = args.threads
     rows = clip_rows(args.clips, args.duration)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
@@ -132,18 +133,30 @@ def overhead(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def longform(args: argparse.Namespace) -> list[str]:
+def longform_child(duration: float, crop: int, threads: int) -> dict:
+    """One long clip in this (fresh) process: seconds and peak RSS above the loaded, warmed-up model."""
+    torch.set_num_threads(threads)
     gen = MusicCM(model.load(DEFAULT_MODEL), GenerationConfig(max_duration=3600))
-    gen.generate(["warm-up"], 10.0, [0], GenerationConfig(steps=4, max_duration=3600))
-    lines = ["| clip s | crop_batch_size | seconds | x real time | peak RSS growth MiB |", "|---|---|---|---|---|"]
+    gen.generate(["warm-up"], 1.28, [0], GenerationConfig(steps=4, max_duration=3600))  # one window only
+    cfg = GenerationConfig(steps=4, crop_batch_size=crop, max_duration=3600)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        gen.generate(["a slow piano piece"], duration, [1], cfg)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "growth_mb": mem.growth_mb, "base_mb": mem.start / 2**20}
+
+
+def longform(args: argparse.Namespace) -> list[str]:
+    """Each configuration in a fresh process, so one run's heap growth does not hide the next one's."""
+    lines = ["| clip s | crop_batch_size | seconds | x real time | peak RSS above the loaded model, MiB |",
+             "|---|---|---|---|---|"]
     runs = [(d, 8) for d in args.long_durations] + [(60.0, c) for c in args.crop_batch_sizes if c != 8]
     for duration, crop in runs:
-        cfg = GenerationConfig(steps=4, crop_batch_size=crop, max_duration=3600)
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            gen.generate(["a slow piano piece"], duration, [1], cfg)
-            sec = time.perf_counter() - t0
-        lines.append(f"| {duration:g} | {crop} | {sec:.2f} | {duration / sec:.1f}x | {mem.growth_mb:.0f} |")
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps([duration, crop, args.threads])],
+                             capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        lines.append(f"| {duration:g} | {crop} | {r['seconds']:.2f} | {duration / r['seconds']:.1f}x | "
+                     f"{r['growth_mb']:.0f} (model loaded: {r['base_mb']:.0f}) |")
         print(lines[-1], flush=True)
     return lines
 
@@ -161,11 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.24, help="seconds per clip there (default 10.24)")
     p.add_argument("--steps", type=int, default=8, help="sampling steps (default 8: about 1 s per clip on 2 cores)")
     p.add_argument("--batch-size", type=int, default=1, help="clips per generate() call in both (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the loop and of the actor (default 1: "
+                   "the job gives its one actor 1 Ray CPU on 2 cores; more threads on a shared box spin)")
     p.add_argument("--long-durations", type=float, nargs="+", default=[10.0, 30.0, 60.0, 120.0])
     p.add_argument("--crop-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--skip-overhead", action="store_true", help="only the long-form part")
     p.add_argument("--write", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one long-form run, JSON out
     args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(longform_child(*json.loads(args.child))))
+        return 0
+    torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     parts = [
         "\n### Batch job overhead and long-form scaling (bundled tiny model, CPU)\n",
@@ -175,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_overhead:
         parts += [f"Overhead: {args.clips} clips of {args.duration:g} s, {args.steps} steps, batch size "
                   f"{args.batch_size}, FLAC to local disk, no CLAP.\n", *overhead(args), ""]
-    parts += ["Long-form (one clip, 4 steps, crop fusion; the tiny model's window is 1.28 s, so a 120 s clip is "
-              "~125 windows per step):\n", *longform(args)]
+    parts += ["Long-form (one clip, 4 steps, crop fusion, each row in a fresh process; the tiny model's window is "
+              "1.28 s, so a 120 s clip is ~125 windows per step):\n", *longform(args)]
     text = "\n".join(parts) + "\n"
     print(text)
     if args.write:

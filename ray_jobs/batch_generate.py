@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
       "(default: compare sizes from one listing)")
     a("--cpus-per-actor", type=float, default=None, help="Ray CPUs per actor (default 1 with GPUs; on CPU-only "
       "clusters a share that leaves one CPU free)")
-    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default CPUs / actors)")
+    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: its Ray CPUs)")
     a("--no-progress-timeout-s", type=float, default=None, help="fail when Ray Data makes no progress this long "
       "(default max(1800, 60 x max-duration); -1: never)")
     a("--progress-s", type=float, default=10.0, help="seconds between progress lines (default 10)")

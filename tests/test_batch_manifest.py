@@ -292,10 +292,10 @@ def test_default_run_name_is_path_safe() -> None:
 def test_resources_leave_cpu_headroom_and_pin_one_gpu_per_actor() -> None:
     config = BatchConfig(manifest="m", output="o", num_actors=4)
     cpu2 = plan_resources(config, {"CPU": 2.0})
-    assert (cpu2.actors, cpu2.num_gpus, cpu2.num_cpus, cpu2.device, cpu2.torch_threads) == (1, 0, 1, "cpu", 2)
+    assert (cpu2.actors, cpu2.num_gpus, cpu2.num_cpus, cpu2.device, cpu2.torch_threads) == (1, 0, 1, "cpu", 1)
     assert cpu2.notes  # the clamp is reported
     cpu16 = plan_resources(config, {"CPU": 16.0})
-    assert (cpu16.actors, cpu16.num_cpus, cpu16.torch_threads) == (4, 3, 4)
+    assert (cpu16.actors, cpu16.num_cpus, cpu16.torch_threads) == (4, 3, 3)
     assert cpu16.actors * cpu16.num_cpus <= 15
     gpu = plan_resources(config, {"CPU": 32.0, "GPU": 8.0})
     assert (gpu.actors, gpu.num_gpus, gpu.num_cpus, gpu.device) == (4, 1, 1, "cuda")

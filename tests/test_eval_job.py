@@ -189,6 +189,7 @@ class _Evil:
         return (os.system, ("echo pwned > evil-ran",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_weight_files_are_never_unpickled_beyond_tensors_and_numpy(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

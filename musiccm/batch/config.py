@@ -43,7 +43,7 @@ class BatchConfig:
     clap_score: bool = True  # CLAP text-audio similarity per clip (needs the model's feature_extractor)
     verify_audio: bool = False  # resume: re-read every finished clip and compare its sha256
     cpus_per_actor: float | None = None  # Ray CPUs per actor (None: 1 with GPUs, else a share leaving headroom)
-    torch_threads: int | None = None  # intra-op threads per actor on CPU (None: CPUs of the node / actors)
+    torch_threads: int | None = None  # intra-op threads per CPU actor (None: its Ray CPUs)
     no_progress_timeout_s: float | None = None  # Ray Data stall limit (None: max(1800, 60 · max_duration))
     progress_s: float = 10.0  # seconds between progress lines
 
@@ -146,5 +146,7 @@ def plan_resources(config: BatchConfig, cluster: dict[str, float]) -> Resources:
         notes.append(f"--num-actors {config.num_actors} needs more than the {cpus:g} CPUs less one: using {actors}")
     share = spare / actors
     num_cpus = config.cpus_per_actor or (math.floor(share) if share >= 1 else round(share, 2))
-    threads = config.torch_threads or max(1, int(cpus // actors))
+    # As many torch threads as Ray CPUs: more would spin against the other tasks (OpenMP barriers degrade badly
+    # when cores are oversubscribed).
+    threads = config.torch_threads or max(1, int(num_cpus))
     return Resources(actors, 0, num_cpus, config.device or "cpu", threads, notes)

@@ -114,6 +114,7 @@ def file_digest(path: str) -> str:
 
 @contextlib.contextmanager
 def warnings_off() -> Iterator[None]:
+    """Silence warnings (numpy 2's deprecation of `numpy.core` names) for a block."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -125,13 +126,16 @@ def _torch_load(path: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = exc
+    unreadable = WeightsError(f"{path}: not a readable torch checkpoint ({type(first).__name__}: "
+                              f"{(str(first).splitlines() or [''])[0][:200]})")
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(first).__name__}: "
-                           f"{str(first).splitlines()[0][:200]})") from None
+        raise unreadable from None
+    if not unsafe:
+        raise unreadable
     refused = [name for name in unsafe if not _NUMPY_GLOBAL.fullmatch(name)]
-    if refused or not unsafe:
+    if refused:
         raise WeightsError(f"{path}: pickles objects other than tensors and numpy arrays ({', '.join(refused)}); "
                            "refusing to unpickle them. Save the state dict as .safetensors instead")
     allowed: list[Any] = []
@@ -321,7 +325,7 @@ class Clap:
                 tokenizer = AutoTokenizer.from_pretrained(parts["tokenizer"])
                 feature_extractor = ClapFeatureExtractor.from_pretrained(parts["feature_extractor"])
             except (OSError, ValueError) as exc:
-                raise WeightsError(f"CLAP {uri} could not be loaded: {str(exc).splitlines()[0]}") from None
+                raise WeightsError(f"CLAP {uri} could not be loaded: {_first_line(exc)}") from None
         # external.encode_* read only text_encoder, tokenizer and feature_extractor of the components.
         self.parts = MusicLDMComponents(
             unet=None, vae=None, text_encoder=text_encoder.eval().requires_grad_(False).to(device),
@@ -347,7 +351,10 @@ def decode(data: bytes) -> tuple[torch.Tensor, int]:
     """Audio file bytes (wav, flac, ogg, mp3: whatever libsndfile reads) → ((C, S) float32, sample rate)."""
     import soundfile as sf
 
-    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, C)
+    try:
+        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, C)
+    except sf.LibsndfileError as exc:
+        raise ValueError(f"not decodable audio (libsndfile: {exc.error_string})") from None
     if wave.shape[0] == 0:
         raise ValueError("empty audio (0 samples)")
     if not np.isfinite(wave).all():
@@ -422,7 +429,7 @@ class FeatureStage:
         try:
             wave, sr = decode(storage.read_bytes(request["uri"]))
         except Exception as exc:  # unreadable: listed in metrics.json, never replaced by silence
-            out["error"] = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            out["error"] = f"unreadable: {type(exc).__name__}: {_first_line(exc)}"
             return out
         out.update(duration_s=wave.shape[1] / sr, sample_rate=sr, channels=wave.shape[0])
         try:
@@ -437,10 +444,14 @@ class FeatureStage:
                 out["clap_audio"] = self.clap.audio(wave, sr).tolist()
                 out["_text"] = request.get("text") if request["set"] != "train" else None
         except Exception as exc:
-            out["error"] = f"feature extraction failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            out["error"] = f"feature extraction failed: {type(exc).__name__}: {_first_line(exc)}"
             for key in ("pann_embedding", "pann_logits", "vggish", "vggish_frames", "clap_audio", "_text"):
                 out.pop(key, None)
         return out
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
 
 
 def _quiet_libraries() -> None:

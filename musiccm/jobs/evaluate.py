@@ -133,7 +133,8 @@ def _read_parquet(uri: str) -> pa.Table:
     try:
         return pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"{uri}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{uri}: not a readable Parquet file ({cause})") from None
 
 
 def _column(table: pa.Table, names: tuple[str, ...]) -> str | None:
@@ -258,20 +259,22 @@ def _weights(flag: str, given: str | None, default: str, howto: str, check) -> t
     return uri, {"uri": uri, "sha256_16": digest, "default_location": given is None}
 
 
-def default_clap(inputs: Inputs) -> str | None:
-    """The generating model's location (it holds its CLAP), if it can be read from here."""
+def default_clap(inputs: Inputs) -> tuple[str | None, str]:
+    """(the generating model's location, which holds its CLAP, or None; why not)."""
     uris = [r.get("model_uri") for r in inputs.generation if r.get("model_uri")]
     if not uris and inputs.summary:
         uris = [inputs.summary.get("model", {}).get("uri")]
     uri = next((u for u in uris if u), None)
-    if uri is None or storage.is_s3(uri) or os.path.exists(os.path.expanduser(uri)):
-        return uri
+    if uri is None:
+        return None, "the generated set names no model (no metric rows with model_uri, no _SUMMARY.json)"
+    if storage.is_s3(uri) or os.path.exists(os.path.expanduser(uri)):
+        return uri, ""
     from musiccm import model
 
     try:  # a hub id: only from the local cache, never downloaded
-        return model.resolve(uri, local_files_only=True)
+        return model.resolve(uri, local_files_only=True), ""
     except model.ModelError:
-        return None
+        return None, f"the generating model {uri!r} is neither a path readable from here nor a cached hub model"
 
 
 def resolve_networks(config: EvalConfig, inputs: Inputs) -> tuple[feat.Networks, dict, dict]:
@@ -286,10 +289,9 @@ def resolve_networks(config: EvalConfig, inputs: Inputs) -> tuple[feat.Networks,
     if config.no_clap:
         info["clap"] = {"reason": "--no-clap was given", "how_to_provide": "leave out --no-clap"}
     else:
-        clap = config.clap_model or default_clap(inputs)
+        clap, why = (config.clap_model, "") if config.clap_model else default_clap(inputs)
         if clap is None:
-            info["clap"] = {"reason": "the generated run names no readable model, and --clap-model was not given",
-                            "how_to_provide": feat.CLAP_HOWTO}
+            info["clap"] = {"reason": f"{why}, and --clap-model was not given", "how_to_provide": feat.CLAP_HOWTO}
         else:
             try:
                 info["clap"] = {"uri": clap, "layout": feat.check_clap(clap), "own_model": not config.clap_model}
