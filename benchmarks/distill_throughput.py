@@ -112,7 +112,7 @@ def machine(device: str) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    load = f", 1-min load average {os.getloadavg()[0]:.1f} when written" if hasattr(os, "getloadavg") else ""
     return f"{cpu}, {os.cpu_count()} cores{load} (torch {torch.__version__})"
 
 

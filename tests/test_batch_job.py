@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -346,6 +347,7 @@ def ray_head(s3: SeaweedFS) -> Iterator[str]:
             if temp_dir in " ".join(p.info["cmdline"] or []):
                 kill_tree(p.pid)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -454,10 +456,20 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
 # ---------------------------------------------------------------- the stage, in process (no Ray)
 
 
-def test_generator_stage_writes_clips_and_metric_rows(s3: SeaweedFS, tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The stage sets torch's thread count for its process (an actor's); restore it for the other tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generator_stage_writes_clips_and_metric_rows(s3: SeaweedFS, tmp_path: Path, one_thread: None) -> None:
     out = str(tmp_path / "out")
     config = BatchConfig(manifest="unused", output=out, batch_size=4)
-    stage = GeneratorStage(config, device="cpu", torch_threads=2)
+    stage = GeneratorStage(config, device="cpu", torch_threads=1)
     long_prompt = " ".join(["jazz piano"] * 100)  # far over the tiny tokenizer's 77 tokens
     rows = check_batch(
         pa.table({"id": ["a", "b", "c", "tiny"], "prompt": ["jazz piano", long_prompt, "drums", "x"],

@@ -276,7 +276,7 @@ def test_preflight_num_workers_and_storage(tmp_path: Path, capsys: pytest.Captur
 
 @pytest.mark.slow
 def test_preflight_use_gpu_without_gpus(ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}])
+    manifest = local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}, {"uri": "b.wav", "caption": "y"}])
     expect_usage_error(["--train-manifest", manifest, "--storage", str(tmp_path / "r"), "--use-gpu"], capsys,
                        "--use-gpu", "no GPUs")
     expect_usage_error(["--train-manifest", manifest, "--storage", str(tmp_path / "r"), "--num-workers", "2"],
@@ -342,7 +342,7 @@ def test_run_finishes_with_export_and_summary(first_run: Outcome, s3: SeaweedFS)
 
 
 @pytest.mark.slow
-def test_checkpoints_in_s3_are_safetensors_and_json(first_run: Outcome) -> None:
+def test_checkpoints_in_s3_are_safetensors_and_json(first_run: Outcome, tmp_path: Path) -> None:
     files = storage.list_files(RUN)
     names = {f[len(RUN) + 1:] for f in files}
     for step in (2, 4):  # every 2 steps; the last step (4) too
@@ -358,8 +358,7 @@ def test_checkpoints_in_s3_are_safetensors_and_json(first_run: Outcome) -> None:
     assert meta["optimizers"] and meta["rng"]["torch"]
     rank1 = json.loads(storage.read_bytes(f"{RUN}/checkpoint-000004/rank-00001.json"))
     assert (rank1["rank"], rank1["step"], rank1["epoch"], rank1["rows"]) == (1, 4, 1, 4)
-    local = Path(storage.download_dir(f"{RUN}/checkpoint-000004", str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                                                         f"ck-{os.getpid()}")))
+    local = Path(storage.download_dir(f"{RUN}/checkpoint-000004", str(tmp_path / "ck")))
     tensors = load_file(str(local / "state.safetensors"))
     groups = {k.split("/", 1)[0] for k in tensors}
     assert {"student", "target", "heads", "opt_g", "opt_d"} <= groups, groups
