@@ -40,6 +40,7 @@ MANIFEST = "s3://data/train.parquet"
 NAME = "t1"
 RUN = f"{RUNS}/{NAME}"
 PROMPTS = ["calm piano", "fast drums"]
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def load_script():
@@ -134,12 +135,23 @@ def ray_local(s3: SeaweedFS) -> Iterator[None]:
     """A private local Ray instance (started after the AWS env is set, so its workers inherit it)."""
     import ray
 
+    # Ray 2.60's Train PlacementGroupCleaner (a detached actor) asks the state API whether the controller is
+    # alive, locating the API server by auto-detection, not through its own cluster. On a machine where someone
+    # else ran `ray start`, it asks THAT cluster, does not find our controller, declares it dead and removes our
+    # live placement group, killing the workers. An unreachable API server address (inherited by every Ray
+    # process of this instance) makes it report "state API unavailable" and keep monitoring instead.
+    saved = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = "http://127.0.0.1:9"
     ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False,
              log_to_driver=os.environ.get("MUSICCM_TEST_RAY_LOGS") == "1")
     try:
         yield
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = saved
 
 
 def job_argv(teacher: str, max_steps: int) -> list[str]:
@@ -337,6 +349,7 @@ def test_run_finishes_with_export_and_summary(first_run: Outcome, s3: SeaweedFS)
     assert (s["status"], s["step"], s["export"], s["run"]) == ("ok", 4, f"{RUN}/export", RUN)
     assert f'"export": "{RUN}/export"' in first_run.stdout  # the printed summary names the export
     assert s["config"]["max_steps"] == 4 and s["config"]["storage"] == RUNS and s["manifest"]["rows"] == 8
+    assert len(s["worker_node_ids"]) == 2 and all(len(n) == 56 for n in s["worker_node_ids"])  # hex node ids
     for text in (json.dumps(s), first_run.stdout):  # no credentials in what the job prints or writes
         assert s3.secret_key not in text and s3.access_key not in text
 
@@ -433,7 +446,9 @@ def test_summary_of_a_failed_run_names_the_error(tmp_path: Path) -> None:
 
     config = resolve_locations(DistillConfig(train_manifest="m.parquet", storage=str(tmp_path / "runs"), name="r"))
     manifest = ManifestInfo(path="m.parquet", rows=3, files=1, columns=("uri",))
-    s = summarize(config, manifest, None, RuntimeError("worker group failed\nTraceback ..."), 1.5)
-    assert (s["status"], s["error"], s["export"], s["checkpoint"]) == ("failed", "RuntimeError: worker group failed",
-                                                                      None, None)
+    error = RuntimeError("Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nTraceback (most recent "
+                         "call last):\n  File \"x.py\", line 1\nValueError: bad row\n")
+    s = summarize(config, manifest, None, error, 1.5)
+    assert (s["status"], s["export"], s["checkpoint"]) == ("failed", None, None)
+    assert s["error"] == "RuntimeError: Training failed due to worker errors: | ValueError: bad row"
     assert s["run"] == str(tmp_path / "runs" / "r") and s["config"]["output"] == str(tmp_path / "runs" / "r" / "export")

@@ -60,7 +60,7 @@ def node_identity() -> str:
     if ray is not None and ray.is_initialized():
         try:
             return ray.get_runtime_context().get_node_id()
-        except Exception:
+        except Exception:  # best effort: fall back to the host name
             pass
     return socket.gethostname()
 
@@ -123,10 +123,14 @@ class GeneratorStage:
         start = time.perf_counter()
         try:
             result = self.generator.generate(prompts, duration, [r["seed"] for r in rows], cfg)
-            clap = (metrics.clap_scores(self.components, prompts, result.waveforms, result.sample_rate)
-                    if self.config.clap_score else [None] * len(rows))
-        except Exception as exc:
+        except Exception as exc:  # a bad group (OOM, odd duration) must not sink the job: its rows fail
             return [metrics.failure_row(r, exc, self.node_id, self.device_label) for r in rows]
+        clap: list[float | None] = [None] * len(rows)
+        if self.config.clap_score:
+            try:
+                clap = metrics.clap_scores(self.components, prompts, result.waveforms, result.sample_rate)
+            except Exception:  # a metric must never cost the clip: the score stays null
+                pass
         seconds = (time.perf_counter() - start) / len(rows)
         # Encode and write concurrently (S3 latency); a StorageError here stops the job.
         written = list(self._io.map(self._write, rows, list(result.waveforms), [result.sample_rate] * len(rows)))

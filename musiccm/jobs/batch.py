@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -187,9 +188,11 @@ def versions() -> dict:
     import torch
     import transformers
 
-    import musiccm
-
-    return {"musiccm": getattr(musiccm, "__version__", None), "python": platform.python_version(),
+    try:
+        own = importlib.metadata.version("musiccm")
+    except importlib.metadata.PackageNotFoundError:
+        own = None
+    return {"musiccm": own, "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "ray": ray.__version__, "pyarrow": pa.__version__}
 

@@ -47,6 +47,7 @@ class WorkerPosition:
     step: int
     epoch: int
     rows: int
+    node_id: str = ""  # the Ray node this rank ran on (evidence of multi-node placement)
 
 
 @dataclass(frozen=True)

@@ -280,7 +280,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if history is not None:
             history.add(metrics)
         if step % config.checkpoint_every == 0 or last:
-            position = checkpoints.WorkerPosition(rank, world, step, stream.epoch, stream.rows)
+            position = checkpoints.WorkerPosition(rank, world, step, stream.epoch, stream.rows,
+                                                  ray.get_runtime_context().get_node_id())
             state = checkpoints.JobState(step, stream.epoch, attempt, samples, skipped_total, world)
             report_checkpoint(distiller, metrics, position, state, history)
         else:

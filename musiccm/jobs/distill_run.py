@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import time
 from typing import Any
 
@@ -67,10 +68,27 @@ def build_trainer(
     )
 
 
+def describe_error(error: BaseException, limit: int = 600) -> str:
+    """One line for the summary: the exception's first line and the error lines of the ranks' snippets."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    causes = [ln for ln in lines[1:] if re.match(r"^[\w.]*(Error|Exception)\b|^A worker .* failed", ln)]
+    text = " | ".join([f"{type(error).__name__}: {lines[0] if lines else ''}", *dict.fromkeys(causes)])
+    return text[:limit]
+
+
 def list_checkpoints(run: str) -> list[str]:
     """Checkpoint directories of a run in storage (those with a meta.json), oldest first."""
     metas = storage.list_files(run, suffix="/" + checkpoints.META)
     return sorted(m.rsplit("/", 1)[0] for m in metas if m.rsplit("/", 2)[-2].startswith("checkpoint-"))
+
+
+def worker_node_ids(checkpoint: str) -> list[str]:
+    """Ray node id of every rank, as recorded in a checkpoint's rank files (rank order)."""
+    ids = []
+    for uri in storage.list_files(checkpoint, suffix=".json"):
+        if uri.rsplit("/", 1)[-1].startswith("rank-"):
+            ids.append(json.loads(storage.read_bytes(uri)).get("node_id", ""))
+    return ids
 
 
 def summarize(
@@ -85,7 +103,7 @@ def summarize(
     export_ok = storage.exists(storage.join(config.output, "model_index.json"))
     return {
         "status": "ok" if error is None and export_ok else "failed",
-        "error": None if error is None else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500]}",
+        "error": None if error is None else describe_error(error),
         "name": config.name,
         "run": run,
         "export": config.output if export_ok else None,
@@ -93,6 +111,7 @@ def summarize(
         "final_metrics": {k: metrics[k] for k in SUMMARY_METRICS if k in metrics},
         "checkpoint": kept[-1] if kept else None,
         "checkpoints": kept,
+        "worker_node_ids": worker_node_ids(kept[-1]) if kept else [],
         "metrics_history": storage.join(run, "metrics"),
         "validation": storage.join(run, "validation") if config.validate_every else None,
         "manifest": {"uri": config.train_manifest, "rows": manifest.rows, "files": manifest.files},
