@@ -26,7 +26,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 demo: venv
-	$(VENV)/bin/musiccm generate --prompt "an upbeat jazz tune with piano and drums" --duration 10.24 --steps 4 --seed 0 --out outputs/demo.flac
+	$(PY) ray_jobs/batch_generate.py --manifest examples/prompts.parquet
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
