@@ -9,6 +9,7 @@ import sys
 import time
 
 from musiccm.defaults import DEFAULT_MODEL
+from musiccm.logs import quiet_libraries
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                          add_help=False)
     res.add_argument("rest", nargs=argparse.REMAINDER, help="OUTPUT [options]; see `musiccm results --help`")
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return generate(args)
     except USER_ERRORS as exc:
@@ -100,16 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _quiet_libraries() -> None:
-    """Silence progress bars and info logs of diffusers/transformers (errors still show)."""
-    import diffusers
-    import transformers
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -91,7 +91,19 @@ def resolve(path_or_id: str, local_files_only: bool = False, cache_dir: str | No
         digest = hashlib.sha256(path_or_id.encode()).hexdigest()[:16]
         root = Path(cache_dir or Path.home() / ".cache" / "musiccm" / "models") / digest
         if not (root / "model_index.json").exists():
-            storage.download_dir(path_or_id, str(root))
+            # Download beside the cache entry, then rename: a concurrent reader never sees half a model.
+            root.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(root, ignore_errors=True)  # a partial entry from an older, non-atomic download
+            tmp = tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=root.parent)
+            try:
+                storage.download_dir(path_or_id, tmp)
+                try:
+                    os.rename(tmp, root)
+                except OSError:  # another process finished first
+                    if not (root / "model_index.json").exists():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return _check_layout(str(root), path_or_id)
     local = os.path.expanduser(path_or_id)
     if os.path.exists(local) or not _HUB_ID.match(path_or_id) or path_or_id.startswith("."):

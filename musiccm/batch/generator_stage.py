@@ -10,7 +10,6 @@ object store. The class imports no Ray and runs the same in a plain loop.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import sys
@@ -26,6 +25,7 @@ from musiccm import audio_io, model, storage
 from musiccm.batch import metrics
 from musiccm.batch.config import BatchConfig
 from musiccm.batch.manifest import CHECKED
+from musiccm.logs import quiet_libraries
 from musiccm.pipeline import GenerationConfig, MusicCM
 
 
@@ -82,7 +82,7 @@ class GeneratorStage:
     def __init__(self, config: BatchConfig, device: str | None = None, torch_threads: int | None = None) -> None:
         import torch
 
-        _quiet_libraries()
+        quiet_libraries()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = config
@@ -160,14 +160,3 @@ def _sortable(value: object) -> tuple:
     """Sort key that puts None first and never compares None with a number."""
     return (value is not None, value if value is not None else 0)
 
-
-def _quiet_libraries() -> None:
-    """No progress bars or info logs from diffusers/transformers in actor logs."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()

@@ -44,6 +44,7 @@ import pyarrow as pa
 import torch
 
 from musiccm import storage
+from musiccm.logs import quiet_libraries
 
 CNN14_16K = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=64, fmin=50, fmax=8000, classes_num=527)
 PANN_SR = VGGISH_SR = 16_000
@@ -406,7 +407,7 @@ class FeatureStage:
     def __init__(self, networks: Networks, device: str | None = None, torch_threads: int | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        _quiet_libraries()
+        quiet_libraries()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pann = PannCnn14(load_state_dict(networks.pann)[0], self.device) if networks.pann else None
         self.vggish = VGGish(load_state_dict(networks.vggish)[0], self.device) if networks.vggish else None
@@ -453,10 +454,3 @@ class FeatureStage:
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:limit]
 
-
-def _quiet_libraries() -> None:
-    """No info logs or progress bars from transformers in actor logs."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()

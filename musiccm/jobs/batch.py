@@ -96,6 +96,7 @@ def _inspect_model(uri: str) -> dict:
         except storage.StorageError as exc:
             raise ModelError(f"model {uri}: cannot read model_index.json ({str(exc).partition(': ')[2]})") from None
     elif os.path.exists(os.path.expanduser(uri)):
+        info["uri"] = os.path.abspath(os.path.expanduser(uri))  # readable from any working directory
         directory = model.resolve(uri)
         index = json.loads(open(os.path.join(directory, "model_index.json")).read())
         info["hash"] = model.content_hash(directory)
