@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps audioldm_eval==0.0.3 ssr_eval==0.0.7  # see pyproject.toml
+	$(PY) -m pip install --quiet --no-deps audioldm_eval==0.0.3 ssr_eval==0.0.7 tinysoundfont==0.3.7  # see pyproject.toml
 	touch $(STAMP)
 
 lint: venv

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
            f"{peak - base:.0f} |")
     text = (f"\n### Long-form memory, full-size MusicLDM student (random weights), {dev}\n\n"
             f"Command: `python {' '.join(sys.argv)}`  \nDate: {datetime.date.today()}, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}\n\n| clip s | steps | crop batch | seconds | peak MiB after load+warm-up "
-            f"| peak MiB | growth MiB |\n|---|---|---|---|---|---|---|\n{row}\n")
+            f"threads {torch.get_num_threads()}\n\n| clip s | steps | crop batch | seconds "
+            f"| peak MiB after load+warm-up | peak MiB | growth MiB |\n|---|---|---|---|---|---|---|\n{row}\n")
     print(text)
     if args.write:
         with open("benchmarks/RESULTS.md", "a") as f:

@@ -29,7 +29,7 @@ SCHEDULER = dict(
     steps_offset=1,
     timestep_spacing="leading",
 )
-_WORDS = (
+MUSIC_WORDS = (
     "a an the with and of in on at by for from to slow fast upbeat calm energetic dark bright happy sad "
     "epic dreamy mellow aggressive gentle groovy funky jazzy bluesy ambient cinematic orchestral acoustic "
     "electronic piano guitar bass drums violin cello strings flute trumpet saxophone organ synth pad lead "
@@ -45,7 +45,7 @@ def build_tokenizer(directory: str | Path, max_length: int = 77) -> Any:
     from transformers import RobertaTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    corpus = [_WORDS] * 4 + [" ".join(reversed(_WORDS.split()))]
+    corpus = [MUSIC_WORDS] * 4 + [" ".join(reversed(MUSIC_WORDS.split()))]
     bpe.train_from_iterator(
         corpus, vocab_size=600, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     )

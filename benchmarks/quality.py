@@ -1,0 +1,182 @@
+"""Quality benchmark of the demo world, laid out like MusicCM Table 1: teacher vs distilled student.
+
+Rows: the teacher with 50-step DDIM + CFG, the teacher with 4-step DDIM + CFG, the student with 1, 2, 4 and 6
+consistency steps, and (``--student-noadv``) the "w/o L_adv" ablation. Each row is one run of the real jobs:
+``ray_jobs/batch_generate.py`` on the held-out prompts, then ``ray_jobs/evaluate.py --classifier`` against the
+held-out reference clips (the same prompts rendered by the soundfont), so FD/KID use the label classifier's
+embedding, IS/KL its instrument logits, and attribute accuracy its heads; CLAP is the model's own. Latency is
+one clip at batch size 1 in this process (median of ``--latency-runs``), as the paper's seconds per clip.
+
+    python benchmarks/quality.py --write            # the demo's outputs/demo/{teacher,student,...}
+    python benchmarks/quality.py --limit 8 --configs teacher-ddim4 student-1   # a quick subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+# (label, which model, steps, guidance_scale or None, row name); guidance 3.0 = the w=2 the student was distilled
+# with (diffusers convention), so the teacher rows show what the student imitates.
+CONFIGS = (
+    ("teacher-ddim50", "teacher", 50, 3.0, "Teacher (DDIM + CFG)"),
+    ("teacher-ddim4", "teacher", 4, 3.0, "Teacher (DDIM + CFG)"),
+    ("student-1", "student", 1, None, "Student (MusicCM)"),
+    ("student-2", "student", 2, None, "Student (MusicCM)"),
+    ("student-4", "student", 4, None, "Student (MusicCM)"),
+    ("student-6", "student", 6, None, "Student (MusicCM)"),
+    ("noadv-1", "student_noadv", 1, None, "Student w/o L_adv"),
+    ("noadv-4", "student_noadv", 4, None, "Student w/o L_adv"),
+)
+LABEL_HEADS = ("instrument", "tempo", "mode", "drums")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    demo = "outputs/demo"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=f"{demo}/teacher", help="teacher model directory (default %(default)s)")
+    p.add_argument("--student", default=f"{demo}/student", help="distilled student directory (default %(default)s)")
+    p.add_argument("--student-noadv", default=f"{demo}/student-noadv",
+                   help="student distilled with --adv-weight 0 (its rows are skipped if missing; default %(default)s)")
+    p.add_argument("--prompts", default=f"{demo}/data/heldout/prompts.parquet",
+                   help="held-out prompts with label columns (default %(default)s)")
+    p.add_argument("--reference", default=f"{demo}/data/heldout/manifest.parquet",
+                   help="held-out reference clips: manifest with id, uri, caption (default %(default)s)")
+    p.add_argument("--classifier", default=f"{demo}/classifier", help="label classifier (default %(default)s)")
+    p.add_argument("--out", default="outputs/quality", help="work directory (default %(default)s)")
+    p.add_argument("--configs", nargs="+", default=[c[0] for c in CONFIGS], choices=[c[0] for c in CONFIGS],
+                   help="rows to run (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=16, help="batch job --batch-size (default %(default)s)")
+    p.add_argument("--latency-runs", type=int, default=5, help="timed single-clip runs per row (default 5)")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def run(cmd: list[str]) -> None:
+    """Run a job script like a user would; fail loudly with its output."""
+    print("+", " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
+        raise SystemExit(f"{cmd[1]} failed with exit code {r.returncode}")
+
+
+def inputs(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    """The prompt manifest (limited) and a reference Parquet in evaluate.py's form (id, audio_uri, caption, labels)."""
+    prompts = pq.read_table(args.prompts)
+    ref = pq.read_table(args.reference)
+    if args.limit:
+        prompts = prompts.slice(0, args.limit)
+        ref = ref.filter(pc.is_in(ref["id"], prompts["id"]))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(prompts, out / "prompts.parquet")
+    ref = ref.rename_columns(["audio_uri" if n == "uri" else n for n in ref.column_names])
+    pq.write_table(ref, out / "reference.parquet")
+    return out / "prompts.parquet", out / "reference.parquet"
+
+
+def latency(model_dir: str, steps: int, guidance: float | None, runs: int) -> float:
+    """Median seconds for one native-length clip at batch size 1 (after one warm-up)."""
+    from musiccm import model
+    from musiccm.pipeline import GenerationConfig, MusicCM
+
+    gen = MusicCM(model.load(model_dir), GenerationConfig(steps=steps, guidance_scale=guidance))
+    duration = gen.c.geometry.native_duration
+    gen.generate(["warm-up"], duration, [0])
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        gen.generate(["a calm piano piece"], duration, [i + 1])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, guidance: float | None,
+            prompts: Path, ref: Path, out: Path) -> dict:
+    """Generate, evaluate and time one configuration; returns its metrics.json plus latency."""
+    manifest = prompts
+    if guidance is not None:
+        table = pq.read_table(prompts)
+        table = table.append_column("guidance_scale", pa.array([guidance] * table.num_rows, pa.float64()))
+        manifest = out / f"prompts-{label}.parquet"
+        pq.write_table(table, manifest)
+    gen_dir, eval_dir = out / "gen" / label, out / "eval" / label
+    py = sys.executable
+    run([py, "ray_jobs/batch_generate.py", "--manifest", str(manifest), "--output", str(gen_dir), "--model",
+         model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60"])
+    run([py, "ray_jobs/evaluate.py", "--generated", str(gen_dir), "--reference", str(ref), "--out", str(eval_dir),
+         "--classifier", args.classifier, "--table", str(out / "table.md"), "--label", label, "--progress-s", "60"])
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics["latency_s"] = latency(model_dir, steps, guidance, args.latency_runs)
+    return metrics
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def table(rows: dict[str, dict]) -> str:
+    """Markdown table laid out like MusicCM Table 1, plus attribute accuracy and CLAP."""
+    head = ("| model | steps | FD_cls ↓ | KID_cls ↓ | IS_cls ↑ | KL_cls ↓ | acc instrument / tempo / mode / drums ↑ | "
+            "acc mean ↑ | CLAP ↑ | latency s/clip ↓ |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for m in rows.values():
+        v = m.get("metrics", m)
+        acc = m.get("attribute_accuracy") or {}
+        accs = " / ".join(f"{100 * acc[h]:.1f}" if h in acc else "–" for h in LABEL_HEADS)
+        mean = m.get("attribute_accuracy_mean")
+        lines.append(f"| {m['name']} | {m['steps']} | {fmt(v.get('frechet_distance_cls'))} | "
+                     f"{fmt(v.get('kernel_inception_distance_cls_mean'), 4)} | "
+                     f"{fmt(v.get('inception_score_cls_mean'))} | "
+                     f"{fmt(v.get('kullback_leibler_divergence_cls_softmax'))} | {accs} | "
+                     f"{fmt(None if mean is None else 100 * mean, 1)} | {fmt(v.get('clap_text_audio_mean'), 3)} | "
+                     f"{m['latency_s']:.3f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    prompts, ref = inputs(args, out)
+    models = {"teacher": args.teacher, "student": args.student, "student_noadv": args.student_noadv}
+    rows: dict[str, dict] = {}
+    for label, which, steps, guidance, name in CONFIGS:
+        if label not in args.configs:
+            continue
+        if not os.path.isdir(models[which]):
+            print(f"skipping {label}: {models[which]} does not exist", flush=True)
+            continue
+        metrics = one_row(args, label, models[which], steps, guidance, prompts, ref, out)
+        rows[label] = {**metrics, "steps": steps, "name": name}
+        (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
+    reference = next(iter(rows.values()), {}).get("reference_attribute_accuracy")
+    command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    text = (f"\n### Demo quality (Table 1 layout): teacher vs distilled student\n\n"
+            f"Command: `{command}`  \n"
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU; "
+            f"date {datetime.date.today()}; {pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s "
+            f"clips\n\n{table(rows)}\nClassifier accuracy on the real reference clips: "
+            f"{json.dumps(reference)}\n")
+    print(text)
+    if args.write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

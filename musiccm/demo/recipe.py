@@ -1,0 +1,171 @@
+"""The demo recipe, stage by stage: synthetic data → tokenizer, VAE, vocoder, CLAP, teacher → MusicLDM layout.
+
+Every stage writes its result under ``work`` and is skipped when that result exists, so an interrupted run
+continues where it stopped. Distillation is not here: it is ``ray_jobs/distill.py`` itself, run by
+``recipes/demo/train.py`` on the teacher this module assembles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from musiccm import model, synthetic
+from musiccm.demo import architecture
+from musiccm.demo.data import DemoData, load
+
+log = logging.getLogger(__name__)
+WINDOW_SECONDS = architecture.WINDOW_LATENT_FRAMES * 4 * 160 / architecture.SAMPLE_RATE  # 2.56
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Sizes and steps of one demo run (the defaults are the committed demo model's)."""
+
+    work: str = "outputs/demo"
+    train_clips: int = 6000
+    heldout_clips: int = 256
+    data_seed: int = 0
+    heldout_seed: int = 1
+    vae_steps: int = 1500
+    vocoder_steps: int = 2500
+    clap_steps: int = 1200
+    teacher_steps: int = 5000
+    classifier_steps: int = 1500
+    seed: int = 0
+
+    @property
+    def root(self) -> Path:
+        return Path(self.work)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stage_data(cfg: RecipeConfig) -> None:
+    """Render the training clips and the held-out reference clips (2.56 s each) with their manifests."""
+    for name, count, seed in (("train", cfg.train_clips, cfg.data_seed), ("heldout", cfg.heldout_clips,
+                                                                           cfg.heldout_seed)):
+        manifest = cfg.path("data", name, "manifest.parquet")
+        if manifest.exists():
+            continue
+        start = time.perf_counter()
+        synthetic.write_dataset(cfg.path("data", name), count, seed=seed, seconds=WINDOW_SECONDS)
+        log.info("data: %d %s clips in %.0f s", count, name, time.perf_counter() - start)
+    prompts = cfg.path("data", "heldout", "prompts.parquet")
+    if not prompts.exists():
+        synthetic.write_prompts(prompts, cfg.heldout_clips, seed=cfg.heldout_seed)
+
+
+def train_data(cfg: RecipeConfig) -> DemoData:
+    """The training clips in memory (waveforms, mels, captions, labels)."""
+    n = round(WINDOW_SECONDS * architecture.SAMPLE_RATE)
+    return load(str(cfg.path("data", "train", "manifest.parquet")), n, seed=cfg.seed)
+
+
+def _done(path: Path) -> bool:
+    if path.exists():
+        log.info("%s exists: stage skipped", path)
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def stage_parts(cfg: RecipeConfig, data: DemoData) -> None:
+    """Tokenizer, VAE, vocoder and CLAP, each saved with its library's ``save_pretrained``."""
+    from musiccm.demo.train_autoencoders import train_vae, train_vocoder
+    from musiccm.demo.train_clap import train_clap
+
+    parts = cfg.path("parts")
+    if not _done(parts / "tokenizer"):
+        architecture.train_tokenizer(data.captions, parts / "tokenizer")
+    if not _done(parts / "vae"):
+        train_vae(data, cfg.vae_steps, seed=cfg.seed).save_pretrained(parts / "vae", safe_serialization=True)
+    if not _done(parts / "vocoder"):
+        train_vocoder(data, cfg.vocoder_steps, seed=cfg.seed).save_pretrained(parts / "vocoder",
+                                                                             safe_serialization=True)
+    if not _done(parts / "text_encoder"):
+        from transformers import RobertaTokenizerFast
+
+        tokenizer = RobertaTokenizerFast.from_pretrained(parts / "tokenizer")
+        clap, fe = train_clap(data, tokenizer, cfg.clap_steps, seed=cfg.seed)
+        clap.save_pretrained(parts / "text_encoder", safe_serialization=True)
+        fe.save_pretrained(parts / "feature_extractor")
+
+
+def frozen_parts(cfg: RecipeConfig, unet=None) -> model.MusicLDMComponents:
+    """The trained parts as components (the UNet: ``unet`` or a fresh one of the demo architecture)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizerFast, SpeechT5HifiGan
+
+    parts = cfg.path("parts")
+    return model.MusicLDMComponents(
+        unet=unet if unet is not None else UNet2DConditionModel(**architecture.unet_config()).eval(),
+        vae=AutoencoderKL.from_pretrained(parts / "vae").eval(),
+        text_encoder=ClapModel.from_pretrained(parts / "text_encoder").eval(),
+        tokenizer=RobertaTokenizerFast.from_pretrained(parts / "tokenizer"),
+        vocoder=SpeechT5HifiGan.from_pretrained(parts / "vocoder").eval(),
+        scheduler=architecture.scheduler(),
+        feature_extractor=ClapFeatureExtractor.from_pretrained(parts / "feature_extractor"),
+        name="musiccm-demo-teacher",
+    )
+
+
+def stage_teacher(cfg: RecipeConfig, data: DemoData) -> None:
+    """Train the teacher UNet on the frozen parts and save the whole teacher in the MusicLDM layout."""
+    from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
+
+    target = cfg.path("teacher")
+    if _done(target / "model_index.json"):
+        return
+    c = frozen_parts(cfg)
+    latents = encode_latents(c.vae, data.mels)
+    log.info("teacher: latents %s, std %.3f", tuple(latents.shape), float(latents.std()))
+    text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
+    sched = c.scheduler
+    c.unet = train_teacher(latents, text, audio, uncond, sched.alphas_cumprod, cfg.teacher_steps, seed=cfg.seed)
+    info = {"name": "musiccm-demo-teacher", "trained": True, "recipe": cfg.to_dict(),
+            "note": "demo teacher trained on synthetic soundfont music (recipes/demo)"}
+    model.save(c, target, extra=info)
+    (cfg.path("teacher_recipe.json")).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def stage_classifier(cfg: RecipeConfig, data: DemoData) -> None:
+    """The evaluation classifier (embedding for FD, logits for IS/KL, heads for attribute accuracy)."""
+    from musiccm.evaluation import classifier
+
+    target = cfg.path("classifier")
+    if _done(target / "model.safetensors"):
+        return
+    net = classifier.train(data.mels, data.labels, cfg.classifier_steps, seed=cfg.seed)
+    classifier.save(net, target)
+
+
+STAGES = {"data": None, "parts": stage_parts, "teacher": stage_teacher, "classifier": stage_classifier}
+
+
+def run(cfg: RecipeConfig, stages: tuple[str, ...] = tuple(STAGES)) -> None:
+    """Run the named stages in order (``data`` first if asked; the others load the training set once)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; allowed: {list(STAGES)}")
+    torch.manual_seed(cfg.seed)
+    if "data" in stages:
+        stage_data(cfg)
+    rest = [s for s in stages if s != "data"]
+    if rest:
+        data = train_data(cfg)
+        log.info("loaded %d training clips", len(data))
+        for name in rest:
+            start = time.perf_counter()
+            STAGES[name](cfg, data)
+            log.info("stage %s done in %.0f s", name, time.perf_counter() - start)

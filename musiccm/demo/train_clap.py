@@ -1,0 +1,91 @@
+"""Train the demo model's CLAP (text and audio towers) contrastively on the synthetic captions and clips.
+
+The symmetric InfoNCE loss of CLAP (Wu et al. 2023) on L2-normalised 512-d embeddings with CLAP's learnable
+temperatures; clips whose labels are identical count as positives of each other (their captions say the
+same thing), so they are not pushed apart. At this data size an auxiliary cross-entropy on the labels,
+from linear probes on both towers' embeddings, speeds up learning what the captions are about; the probes
+are discarded, only the ClapModel is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from musiccm import synthetic
+from musiccm.demo import architecture
+from musiccm.demo.common import Progress, warmup_cosine
+from musiccm.demo.data import DemoData
+from musiccm.external import _features
+
+log = logging.getLogger(__name__)
+
+
+def audio_features(fe, waves: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLAP input features (N, 1, frames, 64) and ``is_longer`` (N, 1) of prepared waveforms."""
+    feats, longer = [], []
+    for i in range(0, len(waves), batch):
+        out = fe([w.numpy() for w in waves[i : i + batch]], sampling_rate=fe.sampling_rate, return_tensors="pt",
+                 truncation="rand_trunc")
+        feats.append(out["input_features"])
+        longer.append(out["is_longer"])
+    return torch.cat(feats), torch.cat(longer)
+
+
+def positives(labels: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """(B, B) target distribution: uniform over the batch items whose labels all match row i's."""
+    same = torch.ones(len(idx), len(idx), dtype=torch.bool)
+    for v in labels.values():
+        lab = v[idx]
+        same &= lab[:, None] == lab[None, :]
+    same = same.float()
+    return same / same.sum(1, keepdim=True)
+
+
+def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float = 5e-4, aux_weight: float = 1.0,
+               seed: int = 0):
+    """A fresh ClapModel trained on (caption, clip) pairs; returns (model, feature extractor)."""
+    from transformers import ClapConfig, ClapModel
+
+    torch.manual_seed(seed)
+    fe = architecture.feature_extractor()
+    clap = ClapModel(ClapConfig(**architecture.clap_config(len(tokenizer)))).train()
+    probes = nn.ModuleDict({name: nn.Linear(512, 2 * len(classes)) for name, classes in synthetic.CLASSES.items()})
+    params = list(clap.parameters()) + list(probes.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = warmup_cosine(opt, steps, warmup=0.1)
+    log.info("clap: extracting audio features of %d clips", len(data))
+    feats, longer = audio_features(fe, data.waves)
+    tokens = tokenizer(data.captions, padding="max_length", truncation=True, max_length=architecture.TEXT_MAX_LENGTH,
+                       return_tensors="pt")
+    g = torch.Generator().manual_seed(seed + 2)
+    progress = Progress("clap", steps)
+    for i in range(steps):
+        idx = torch.randint(0, len(data), (batch,), generator=g)
+        a = _features(clap.get_audio_features(input_features=feats[idx], is_longer=longer[idx]))  # (B, 512)
+        t = _features(clap.get_text_features(input_ids=tokens["input_ids"][idx],
+                                             attention_mask=tokens["attention_mask"][idx]))
+        target = positives(data.labels, idx)
+        logits_a = clap.logit_scale_a.exp() * a @ t.T
+        logits_t = clap.logit_scale_t.exp() * t @ a.T
+        contrastive = 0.5 * (F.cross_entropy(logits_a, target) + F.cross_entropy(logits_t, target))
+        aux = a.new_zeros(())
+        for name, probe in probes.items():
+            k = len(synthetic.CLASSES[name])
+            out_a, out_t = probe(a)[:, :k], probe(t)[:, k:]
+            aux = aux + F.cross_entropy(out_a, data.labels[name][idx]) + F.cross_entropy(out_t, data.labels[name][idx])
+        loss = contrastive + aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            clap.logit_scale_a.clamp_(0, 4.6052)  # CLAP caps the temperature at 100
+            clap.logit_scale_t.clamp_(0, 4.6052)
+        top1 = (target.gather(1, logits_a.argmax(1, keepdim=True)) > 0).float().mean()  # audio → a matching text
+        progress.step(i, contrastive=contrastive.item(), aux=aux.item(), top1=top1.item())
+    return clap.eval().requires_grad_(False), fe

@@ -1,0 +1,83 @@
+"""Train the demo teacher: a UNet2DConditionModel with MusicLDM's ε-objective on the frozen VAE's latents.
+
+As MusicLDM/AudioLDM: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with t uniform over the 1000 training steps of the DDIM
+schedule, MSE on ε, the condition (a CLAP embedding, through ``class_labels``) replaced by the unconditional
+embedding of ``""`` for 10% of the clips so classifier-free guidance works. The condition is the CLAP text
+embedding of the caption, or, for ``audio_condition_p`` of the clips, the clip's own CLAP audio embedding, as
+MusicLDM was trained on audio embeddings (the two towers share one space). The weights saved are an EMA
+of the trained ones (rate 0.999), the usual diffusion practice.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from musiccm import external
+from musiccm.demo import architecture
+from musiccm.demo.common import Progress, warmup_cosine
+from musiccm.schedule import ema_update
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def encode_latents(vae, mels: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Log-mels (N, T, 64) → latents (N, 8, T/4, 16) × scaling_factor (posterior mode, as the distillation job)."""
+    out = [vae.encode(mels[i : i + batch].unsqueeze(1)).latent_dist.mode() for i in range(0, len(mels), batch)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def train_teacher(latents: torch.Tensor, text_emb: torch.Tensor, audio_emb: torch.Tensor | None,
+                  uncond: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, batch: int = 16,
+                  lr: float = 3e-4, uncond_p: float = 0.1, audio_condition_p: float = 0.25, ema_rate: float = 0.999,
+                  seed: int = 0):
+    """A fresh UNet trained on (latents (N, 8, 64, 16), condition embeddings (N, 512)); returns its EMA copy."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**architecture.unet_config()).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps, warmup=0.02, floor=0.1)
+    g = torch.Generator().manual_seed(seed + 3)
+    n = len(latents)
+    progress = Progress("teacher", steps)
+    for i in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x0 = latents[idx]
+        cond = text_emb[idx].clone()
+        if audio_emb is not None:  # MusicLDM: condition on the clip's own CLAP audio embedding
+            use_audio = torch.rand(batch, generator=g) < audio_condition_p
+            cond[use_audio] = audio_emb[idx][use_audio]
+        drop = torch.rand(batch, generator=g) < uncond_p
+        cond[drop] = uncond
+        t = torch.randint(0, len(alphas_cumprod), (batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = unet(x_t, t, encoder_hidden_states=None, class_labels=cond).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema_update(ema.parameters(), unet.parameters(), min(ema_rate, (1 + i) / (10 + i)))
+        progress.step(i, mse=loss.item())
+    return ema
+
+
+def condition_embeddings(components, captions: list[str], waves: torch.Tensor | None, batch: int = 256):
+    """(text (N, 512), audio (N, 512) or None, uncond (512,)) CLAP embeddings from the model's own CLAP."""
+    text = torch.cat([external.encode_text(components, captions[i : i + batch])[0]
+                      for i in range(0, len(captions), batch)])
+    audio = None
+    if waves is not None:
+        audio = torch.cat([external.encode_audio(components, [w.numpy() for w in waves[i : i + batch]],
+                                                 architecture.SAMPLE_RATE) for i in range(0, len(waves), batch)])
+    uncond = external.encode_text(components, [""])[0][0]
+    return text, audio, uncond
