@@ -212,7 +212,11 @@ def _clap_banks(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: fl
 
 
 def mel_to_clap(logmel: torch.Tensor, config: MelConfig, feature_extractor: Any) -> torch.Tensor:
-    """Differentiable MusicLDM log-mel (B, T, 64) → CLAP audio input (B, 1, T, 64) in dB ("rand_trunc" path)."""
+    """Differentiable MusicLDM log-mel (B, T, 64) → CLAP audio input (B, 1, frames, 64) in dB ("rand_trunc" path).
+
+    Clips shorter than the extractor's ``nb_max_samples`` are repeated and padded with silence to its frame
+    count, as its default ``padding="repeatpad"`` does to waveforms, so the audio tower sees what it was trained on.
+    """
     fe = feature_extractor
     mag = mel_to_linear(logmel, config)  # (B, T, K)
     banks = _clap_banks(config.sample_rate, config.n_fft, int(fe.feature_size), float(fe.frequency_min),
@@ -223,4 +227,7 @@ def mel_to_clap(logmel: torch.Tensor, config: MelConfig, feature_extractor: Any)
     energy = (mag**2 @ banks.T) * ratio
     max_frames = int(fe.nb_max_samples) // int(fe.hop_length) + 1
     db = 10.0 * torch.log10(energy.clamp_min(1e-10))
+    if db.shape[1] < max_frames:  # the extractor's "repeatpad": whole repetitions, then silence (-100 dB)
+        db = db.repeat(1, max_frames // db.shape[1], 1)
+        db = F.pad(db, (0, 0, 0, max_frames - db.shape[1]), value=-100.0)
     return db[:, :max_frames, :].unsqueeze(1)

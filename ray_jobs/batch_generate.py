@@ -6,6 +6,9 @@ Cluster (storage settings from the standard AWS environment, e.g. runtime_env en
     ray job submit --working-dir . -- python ray_jobs/batch_generate.py --manifest s3://bucket/prompts.parquet \\
         --output s3://bucket/gen/run1 --model s3://bucket/models/musiccm-v1 --num-actors 8
 Rerunning the same command resumes: only ids without a finished clip are generated.
+Steps: 1-8 for a distilled student (default 4); 1-1000 for a MusicLDM DDIM teacher (default 50, with
+classifier-free guidance `guidance_scale`, default 2.0), e.g. a 50-step teacher baseline:
+    python ray_jobs/batch_generate.py --manifest prompts.parquet --model ucsd-reach/musicldm --default-steps 50
 Exit codes: 0 ok; 1 clips failed or --strict rejected rows; 2 unusable manifest, output or model.
 """
 
@@ -23,11 +26,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--manifest", required=True, help="Parquet file or prefix of files (local or s3://) with columns id, prompt "
-      "and optionally duration_s, seed, steps, guidance_scale, format; other columns are carried into the metrics")
+      "and optionally duration_s, seed, steps (1-8 for a distilled student, 1-1000 for a DDIM teacher), guidance_scale "
+      "(a teacher's classifier-free guidance, default 2.0), format; other columns are carried into the metrics")
     a("--output", default=None, help="output directory or s3:// prefix (default ./outputs/<run-name>)")
     a("--run-name", default=None, help="name of the run (default <manifest stem>-<model name>)")
     a("--model", default=DEFAULT_MODEL, help="MusicLDM-layout directory, s3:// prefix (fetched once per actor) "
-      "or hub id; default: the bundled UNTRAINED tiny student (it makes noise)")
+      "or hub id; a distilled student (LCMScheduler) or a MusicLDM teacher (DDIM + classifier-free guidance); "
+      "default: the bundled UNTRAINED tiny student (it makes noise)")
     a("--num-actors", type=int, default=1, help="model replicas; one GPU each when the cluster has GPUs (default 1)")
     a("--batch-size", type=int, default=8, help="clips per generate() call up to --long-threshold-s (default 8)")
     a("--long-batch-size", type=int, default=1, help="clips per call above --long-threshold-s (default 1)")
@@ -37,7 +42,9 @@ def parser() -> argparse.ArgumentParser:
       "the native window (default 8)")
     a("--hop-frames", type=int, default=None, help="crop-fusion hop in latent frames (default 3/4 of the window)")
     a("--max-duration", type=float, default=600.0, help="rows with a longer duration_s are rejected (default 600)")
-    a("--default-steps", type=int, default=4, help="sampling steps (1-8) for rows without `steps` (default 4)")
+    a("--default-steps", type=int, default=None, help="sampling steps for rows without `steps`: 1-8 for a "
+      "distilled student (default 4), 1-1000 for a DDIM teacher (default 50, with classifier-free guidance "
+      "guidance_scale, default 2.0); for a hub-id model the default is the model's own, chosen once loaded")
     a("--default-format", choices=["flac", "wav"], default="flac", help="audio format for rows without `format`")
     a("--metrics-rows-per-shard", type=int, default=1000, help="metric rows per Parquet shard (default 1000)")
     a("--metrics-flush-s", type=float, default=60.0, help="also write a metric shard at least this often, so an "

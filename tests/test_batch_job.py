@@ -35,7 +35,7 @@ import soundfile as sf
 
 from musiccm import storage
 from musiccm.batch import metrics
-from musiccm.batch.config import BatchConfig
+from musiccm.batch.config import MAX_TEACHER_STEPS, BatchConfig
 from musiccm.batch.generator_stage import GeneratorStage
 from musiccm.batch.manifest import check_batch
 from musiccm.defaults import DEFAULT_MODEL
@@ -448,6 +448,18 @@ def test_rerun_with_other_generation_settings_is_refused(tmp_path: Path, capsys:
     assert code == 2 and "other generation settings (default_steps: 2 → 4)" in err
 
 
+def test_default_steps_above_a_students_limit_fail_fast(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    manifest_uri = _write(tmp_path / "m.parquet", pa.table({"id": ["a"], "prompt": ["p"]}))
+    out = tmp_path / "out"
+    code, err = run_main(["--manifest", manifest_uri, "--output", str(out), "--default-steps", "20"], capsys)
+    assert code == 2, err
+    assert ("model musiccm-untrained-tiny: --default-steps 20 is invalid for a distilled consistency student; "
+            "allowed: 1..8 (default 4)") in err and err.count("\n") == 1, err
+    assert not ray.is_initialized() and not (out / "_RUN.json").exists()  # no actor, no claim on the output
+
+
 def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
     code, err = run_main(["--manifest", "m.parquet", "--output", "o", "--num-actors", "0"], capsys)
     assert code == 2 and "num_actors=0 is invalid; allowed: an integer ≥ 1" in err
@@ -494,7 +506,42 @@ def test_generator_stage_writes_clips_and_metric_rows(s3: SeaweedFS, tmp_path: P
     assert [again[i]["sha256"] for i in "ab"] == [out_rows[i]["sha256"] for i in "ab"]
     wav_a = sf.read(Path(out, "audio", "a.flac"))[0]
     assert np.isfinite(wav_a).all()
+    # Null steps (a hub id's run: the model picks) record the steps used; a student refuses more than 8 even
+    # when the driver could not tell its kind, failing only those clips.
+    hub_like = check_batch(pa.table({"id": ["d", "many"], "prompt": ["d", "m"], "duration_s": [1.0, 1.0],
+                                     "steps": pa.array([None, 20], pa.int64())}),
+                           max_duration=600, default_steps=None, max_steps=MAX_TEACHER_STEPS).drop_columns(["reason"])
+    hub_rows = {r["id"]: r for r in stage(hub_like).to_pylist()}
+    assert hub_rows["d"]["error"] is None and hub_rows["d"]["steps"] == 4
+    assert hub_rows["many"]["error"] == ("generation failed: ValueError: steps must be in 1..8 for a distilled "
+                                         "student, got 20")
     # A permanent storage error is not a per-clip failure: it stops the task (and the job) with its message.
     stage.config = dataclasses.replace(config, output="s3://no-such-bucket/out")
     with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
         stage(rows.slice(0, 1))
+
+
+# ---------------------------------------------------------------- a DDIM teacher
+
+
+@pytest.mark.slow
+def test_batch_job_with_a_ddim_teacher(tiny_teacher_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest_uri = str(tmp_path / "teacher.parquet")
+    put_manifest(manifest_uri, [{"id": "t0", "prompt": "calm piano", "duration_s": 1.0, "steps": 10},
+                                {"id": "t1", "prompt": "fast drums", "duration_s": 1.0}])
+    out = str(tmp_path / "out")
+    args = ["--manifest", manifest_uri, "--output", out, "--model", tiny_teacher_dir, "--default-steps", "10",
+            "--no-clap-score", "--progress-s", "2"]
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert sorted(audio_names(out)) == ["t0.flac", "t1.flac"]
+    rows = read_metrics(out).to_pylist()
+    assert [(r["id"], r["steps"], r["guidance_scale"], r["num_samples"]) for r in sorted(rows, key=lambda r: r["id"])] \
+        == [("t0", 10, 2.0, SR), ("t1", 10, 2.0, SR)]  # DDIM steps as asked, with the teacher's CFG scale
+    assert rows[0]["batch_clips"] == 2  # same duration, steps and guidance: one generate() call
+    run_record = json.loads(Path(out, "_RUN.json").read_text())
+    assert run_record["fingerprint"]["default_steps"] == 10
+    # Without --default-steps a teacher's default is 50: another setting for this output, refused before Ray.
+    code, err = run_main(args[:6], capsys)
+    assert code == 2 and "other generation settings (default_steps: 10 → 50)" in err, err

@@ -14,7 +14,15 @@ import pytest
 
 from musiccm import storage
 from musiccm.batch import manifest, metrics, resume
-from musiccm.batch.config import BatchConfig, default_run_name, plan_resources
+from musiccm.batch.config import (
+    MAX_STEPS,
+    MAX_TEACHER_STEPS,
+    BatchConfig,
+    default_run_name,
+    plan_resources,
+    resolve_default_steps,
+    steps_limit,
+)
 from musiccm.batch.manifest import ManifestError
 from musiccm.results import read_audio, read_metrics
 
@@ -150,6 +158,49 @@ def test_defaults_and_normalisation() -> None:
     assert rows[1]["format"] == "wav" and rows[1]["steps"] == 8 and rows[1]["duration_s"] == MAX
 
 
+def test_step_limits_depend_on_the_model_kind() -> None:
+    student = steps_limit(True)
+    teacher = steps_limit(False)
+    assert (student, teacher, steps_limit(None)) == (MAX_STEPS, MAX_TEACHER_STEPS, MAX_TEACHER_STEPS) == (8, 1000, 1000)
+
+    def reasons(steps: list[int | None], max_steps: int, default: int | None) -> list[tuple[int | None, str | None]]:
+        table = pa.table({"id": [f"r{i}" for i in range(len(steps))], "prompt": ["p"] * len(steps),
+                          "steps": pa.array(steps, pa.int64())})
+        rows = manifest.check_batch(table, max_duration=MAX, default_steps=default, max_steps=max_steps).to_pylist()
+        return [(r["steps"], r["reason"]) for r in rows]
+
+    # A distilled student keeps the old rule and message.
+    assert reasons([8, 9, None], student, 4) == [(8, None), (None, "steps must be in 1..8, got 9"), (4, None)]
+    # A DDIM teacher: its 50-step baseline passes, more steps than training timesteps do not.
+    assert reasons([50, 1000, 1001, 0, None], teacher, 50) == [
+        (50, None), (1000, None), (None, "steps must be in 1..1000 for a DDIM teacher, got 1001"),
+        (None, "steps must be in 1..1000 for a DDIM teacher, got 0"), (50, None)]
+    # A hub id of unknown kind: no default here (the actor's model picks it), the teacher's limit.
+    assert reasons([20, None], steps_limit(None), None) == [(20, None), (None, None)]
+
+
+def test_default_steps_resolve_per_model_kind() -> None:
+    assert [resolve_default_steps(None, kind) for kind in (True, False, None)] == [4, 50, None]
+    assert [resolve_default_steps(8, True), resolve_default_steps(50, False), resolve_default_steps(50, None)] == [
+        8, 50, 50]
+    with pytest.raises(ValueError, match=r"--default-steps 20 is invalid for a distilled consistency student; "
+                                         r"allowed: 1\.\.8 \(default 4\)"):
+        resolve_default_steps(20, True)
+    with pytest.raises(ValueError, match=r"invalid for a DDIM teacher; allowed: 1\.\.1000 \(default 50\)"):
+        resolve_default_steps(1001, False)
+
+
+def test_model_kind_is_read_from_model_index_scheduler() -> None:
+    from musiccm.defaults import DEFAULT_MODEL
+    from musiccm.jobs.batch import inspect_model, is_consistency
+
+    assert is_consistency({"scheduler": ["diffusers", "LCMScheduler"]}) is True
+    assert is_consistency({"scheduler": ["diffusers", "DDIMScheduler"]}) is False
+    assert is_consistency({}) is None and is_consistency({"scheduler": None}) is None
+    assert inspect_model(DEFAULT_MODEL)["consistency"] is True  # the bundled tiny student
+    assert inspect_model("ucsd-reach/musicldm")["consistency"] is None  # a hub id: not read on the driver
+
+
 def test_several_problems_are_all_reported() -> None:
     reason = reason_of(id=[".x"], prompt=[""], steps=[0])
     assert "invalid" in reason and "prompt is empty" in reason and "steps" in reason
@@ -276,7 +327,10 @@ def test_config_validates_and_round_trips() -> None:
     assert BatchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert set(config.fingerprint()) == {"model", "default_steps", "default_format", "hop_frames", "dtype"}
     assert config.stall_timeout_s == 36000.0
-    for bad in ({"num_actors": 0}, {"batch_size": 1.5}, {"default_steps": 9}, {"default_format": "mp3"},
+    assert config.default_steps is None  # the model's default, resolved before the run (4 or 50)
+    assert BatchConfig(manifest="m", output="o", default_steps=1000).default_steps == 1000  # a teacher's limit
+    for bad in ({"num_actors": 0}, {"batch_size": 1.5}, {"default_steps": 1001}, {"default_steps": 0},
+                {"default_steps": 4.0}, {"default_format": "mp3"},
                 {"long_threshold_s": float("nan")}, {"max_duration": -1}, {"dtype": "int8"}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*allowed"):
             BatchConfig(manifest="m", output="o", **bad)

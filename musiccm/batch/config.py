@@ -11,7 +11,11 @@ from musiccm.defaults import DEFAULT_MODEL
 
 FORMATS = ("flac", "wav")
 DTYPES = ("float32", "float16", "bfloat16")
-MAX_STEPS = 8
+# Sampling steps: a distilled consistency student (LCMScheduler) is made for few steps; a MusicLDM teacher
+# samples with DDIM + classifier-free guidance, at most one step per training timestep.
+MAX_STEPS = 8  # distilled student
+MAX_TEACHER_STEPS = 1000  # DDIM teacher, and a hub-id model whose kind is known only once an actor loads it
+STUDENT_DEFAULT_STEPS, TEACHER_DEFAULT_STEPS = 4, 50  # as musiccm.pipeline.MusicCM.resolve
 # Fields that change the audio written for a row: a rerun into the same output must keep them.
 FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "dtype")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -32,7 +36,7 @@ class BatchConfig:
     crop_batch_size: int = 8  # crop-fusion windows per UNet call
     hop_frames: int | None = None  # crop-fusion hop in latent frames (None: 3/4 of the window)
     max_duration: float = 600.0  # longest allowed duration_s; longer rows are rejected
-    default_steps: int = 4  # rows without `steps`
+    default_steps: int | None = None  # rows without `steps` (None: the model's, 4 for a student, 50 for a teacher)
     default_format: str = "flac"  # rows without `format`
     metrics_rows_per_shard: int = 1000
     metrics_flush_s: float = 60.0  # also write a (smaller) shard at least this often
@@ -62,8 +66,10 @@ class BatchConfig:
         need(self.hop_frames is None or (_is_int(self.hop_frames) and self.hop_frames >= 1), "hop_frames",
              "an integer ≥ 1 (≤ the native window) or None")
         need(_positive(self.max_duration), "max_duration", "a number of seconds > 0")
-        need(_is_int(self.default_steps) and 1 <= self.default_steps <= MAX_STEPS, "default_steps",
-             f"an integer in 1..{MAX_STEPS}")
+        need(self.default_steps is None or (_is_int(self.default_steps) and
+                                             1 <= self.default_steps <= MAX_TEACHER_STEPS), "default_steps",
+             f"None (the model's default) or an integer in 1..{MAX_STEPS} for a distilled student, "
+             f"1..{MAX_TEACHER_STEPS} for a DDIM teacher")
         need(self.default_format in FORMATS, "default_format", " | ".join(FORMATS))
         need(_is_int(self.metrics_rows_per_shard) and self.metrics_rows_per_shard >= 1, "metrics_rows_per_shard",
              "an integer ≥ 1")
@@ -99,6 +105,34 @@ class BatchConfig:
         if self.no_progress_timeout_s is not None:
             return self.no_progress_timeout_s
         return max(1800.0, 60.0 * self.max_duration)
+
+
+def steps_limit(consistency: bool | None) -> int:
+    """Most sampling steps a row may ask for: a student's limit, else a teacher's (also for an unknown kind)."""
+    return MAX_STEPS if consistency else MAX_TEACHER_STEPS
+
+
+def steps_range(max_steps: int) -> str:
+    """How a steps limit reads in messages, e.g. `1..8` or `1..1000 for a DDIM teacher`."""
+    return f"1..{max_steps}" + (" for a DDIM teacher" if max_steps == MAX_TEACHER_STEPS else "")
+
+
+def resolve_default_steps(default_steps: int | None, consistency: bool | None) -> int | None:
+    """The run's default steps for a kind of model (True: student, False: teacher, None: unknown hub id).
+
+    None becomes the model's default (4 for a student, 50 for a teacher; for an unknown kind it stays None
+    and the pipeline picks it once an actor has loaded the model). An explicit value outside the kind's
+    limit is a ValueError saying what is allowed.
+    """
+    if default_steps is None:
+        return None if consistency is None else STUDENT_DEFAULT_STEPS if consistency else TEACHER_DEFAULT_STEPS
+    limit = steps_limit(consistency)
+    if not 1 <= default_steps <= limit:
+        kind = {True: "a distilled consistency student", False: "a DDIM teacher", None: "any model"}[consistency]
+        default = {True: STUDENT_DEFAULT_STEPS, False: TEACHER_DEFAULT_STEPS, None: "the model's"}[consistency]
+        raise ValueError(f"--default-steps {default_steps} is invalid for {kind}; allowed: 1..{limit} "
+                         f"(default {default})")
+    return default_steps
 
 
 def default_run_name(manifest: str, model_name: str) -> str:

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from musiccm import audio_io, model, storage
 from musiccm.batch import metrics
-from musiccm.batch.config import BatchConfig
+from musiccm.batch.config import MAX_STEPS, BatchConfig
 from musiccm.batch.manifest import CHECKED
 from musiccm.logs import quiet_libraries
 from musiccm.pipeline import GenerationConfig, MusicCM
@@ -89,9 +89,10 @@ class GeneratorStage:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.components, self.model_info = load_model(config.model, self.device, config.dtype,
                                                       config.local_files_only)
+        # Steps come with every row (or are null: the model's default); a value the model refuses fails its
+        # clips in _generate, never the actor.
         self.generator = MusicCM(self.components, GenerationConfig(
-            steps=config.default_steps, hop_frames=config.hop_frames, crop_batch_size=config.crop_batch_size,
-            max_duration=config.max_duration))
+            hop_frames=config.hop_frames, crop_batch_size=config.crop_batch_size, max_duration=config.max_duration))
         self.native_s = self.components.geometry.native_duration
         self.uses_guidance = self.components.has_guidance_embedding or not self.components.is_consistency
         self.node_id = node_identity()
@@ -122,9 +123,11 @@ class GeneratorStage:
         prompts = [r["prompt"] for r in rows]
         start = time.perf_counter()
         try:
+            self._check_steps(first["steps"])
             result = self.generator.generate(prompts, duration, [r["seed"] for r in rows], cfg)
-        except Exception as exc:  # a bad group (OOM, odd duration) must not sink the job: its rows fail
+        except Exception as exc:  # a bad group (OOM, odd duration, steps) must not sink the job: its rows fail
             return [metrics.failure_row(r, exc, self.node_id, self.device_label) for r in rows]
+        rows = [{**r, "steps": result.config.steps} for r in rows]  # the steps used (a null row took the default)
         clap: list[float | None] = [None] * len(rows)
         if self.config.clap_score:
             try:
@@ -145,6 +148,11 @@ class GeneratorStage:
                 rows, result.waveforms, written, result.truncated, clap, strict=True
             )
         ]
+
+    def _check_steps(self, steps: int | None) -> None:
+        """A student's step limit, for models whose kind the driver could not read (hub ids)."""
+        if self.components.is_consistency and steps is not None and not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in 1..{MAX_STEPS} for a distilled student, got {steps}")
 
     def _write(self, row: dict, waveform: np.ndarray, sample_rate: int) -> metrics.AudioFile:
         """Encode one clip and write it atomically to its deterministic key."""

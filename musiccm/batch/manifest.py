@@ -6,8 +6,10 @@ Pure pyarrow: no Ray, no model, no storage. A manifest is one or more Parquet fi
     prompt          string, required: non-empty (over-long prompts are truncated by the model's tokenizer)
     duration_s      number, optional: > 0 and ≤ max_duration (null: the model's native window)
     seed            integer, optional: 0..2^63-1 (null: derived from the id, see :func:`derive_seed`)
-    steps           integer, optional: 1..8 (null: the run's default)
-    guidance_scale  number, optional: ≥ 1, diffusers convention (used by students with a guidance embedding)
+    steps           integer, optional: 1..8 for a distilled student (default 4), 1..1000 for a DDIM teacher
+                    (default 50); null: the run's default (--default-steps, else the model's)
+    guidance_scale  number, optional: ≥ 1, diffusers convention: a teacher's classifier-free guidance (default
+                    2.0), or a student's guidance embedding (students without one ignore it)
     format          string, optional: flac | wav (null: the run's default)
 
 Every other column is carried through to the metric rows. A wrong file or column type is a
@@ -25,7 +27,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from musiccm.batch.config import FORMATS, MAX_STEPS
+from musiccm.batch.config import FORMATS, MAX_STEPS, steps_range
 from musiccm.batch.metrics import METRIC_FIELDS
 
 ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -125,7 +127,7 @@ def checked_schema(carried: pa.Schema) -> pa.Schema:
 
 
 def _row_reasons(
-    row: dict, max_duration: float, default_steps: int, default_format: str
+    row: dict, max_duration: float, default_steps: int | None, max_steps: int, default_format: str
 ) -> tuple[dict, list[str]]:
     """Normalise one row; return (normalised values, reasons it is rejected)."""
     reasons: list[str] = []
@@ -151,9 +153,9 @@ def _row_reasons(
         reasons.append(f"seed must be in 0..2^63-1, got {seed}")
         seed = None
     steps = row.get("steps")
-    steps = default_steps if steps is None else steps
-    if not 1 <= steps <= MAX_STEPS:
-        reasons.append(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+    steps = default_steps if steps is None else steps  # None: the model's default, chosen by the actor
+    if steps is not None and not 1 <= steps <= max_steps:
+        reasons.append(f"steps must be in {steps_range(max_steps)}, got {steps}")
         steps = None
     guidance = row.get("guidance_scale")
     if guidance is not None:
@@ -170,15 +172,25 @@ def _row_reasons(
 
 
 def check_batch(
-    batch: pa.Table, *, max_duration: float, default_steps: int = 4, default_format: str = "flac"
+    batch: pa.Table,
+    *,
+    max_duration: float,
+    default_steps: int | None = 4,
+    max_steps: int = MAX_STEPS,
+    default_format: str = "flac",
 ) -> pa.Table:
-    """Validate and normalise manifest rows: CHECKED columns (with `reason`) + carried columns, same row order."""
+    """Validate and normalise manifest rows: CHECKED columns (with `reason`) + carried columns, same row order.
+
+    `max_steps` is the model's limit (:func:`musiccm.batch.config.steps_limit`: 8 for a distilled student,
+    1000 for a DDIM teacher or a hub id of unknown kind); `default_steps` None leaves `steps` null for the
+    actor's model to choose.
+    """
     carried = check_schema(batch.schema, "manifest")
     core = [name for name in KINDS if name in batch.column_names]
     rows = batch.select(core).to_pylist()
     out: dict[str, list] = {name: [] for name in CHECKED.names}
     for row in rows:
-        values, reasons = _row_reasons(row, max_duration, default_steps, default_format)
+        values, reasons = _row_reasons(row, max_duration, default_steps, max_steps, default_format)
         for name, value in values.items():
             out[name].append(value)
         out["reason"].append("; ".join(reasons) if reasons else None)

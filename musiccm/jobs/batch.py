@@ -18,6 +18,7 @@ back to the driver, which writes shards and prints progress; (6) summary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -38,7 +39,14 @@ import pyarrow.parquet as pq
 
 from musiccm import model, storage
 from musiccm.batch import manifest, resume
-from musiccm.batch.config import BatchConfig, Resources, default_run_name, plan_resources
+from musiccm.batch.config import (
+    BatchConfig,
+    Resources,
+    default_run_name,
+    plan_resources,
+    resolve_default_steps,
+    steps_limit,
+)
 from musiccm.batch.generator_stage import GeneratorStage
 from musiccm.batch.manifest import ManifestError
 from musiccm.batch.metrics import Sink, write_errors
@@ -83,13 +91,25 @@ def manifest_schema(files: list[str]) -> pa.Schema:
 
 
 def inspect_model(uri: str) -> dict:
-    """Name, trained flag and (local models) content hash, without loading weights; ModelError if unusable."""
+    """Name, trained flag, kind and (local models) content hash, without loading weights; ModelError if unusable.
+
+    `consistency` is True for a distilled student, False for a teacher, None for a hub id (not read here).
+    """
     return dict(_inspect_model(uri))
+
+
+def is_consistency(index: dict) -> bool | None:
+    """Whether a model_index.json describes a consistency student (its scheduler); None if it names none."""
+    entry = index.get("scheduler")
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
+        return None
+    return entry[1] in model.CONSISTENCY_SCHEDULERS
 
 
 @functools.lru_cache(maxsize=8)
 def _inspect_model(uri: str) -> dict:
-    info: dict[str, Any] = {"uri": uri, "name": uri.rstrip("/").rsplit("/", 1)[-1], "hash": None, "trained": None}
+    info: dict[str, Any] = {"uri": uri, "name": uri.rstrip("/").rsplit("/", 1)[-1], "hash": None, "trained": None,
+                            "consistency": None}
     if storage.is_s3(uri):
         try:
             index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
@@ -103,8 +123,18 @@ def _inspect_model(uri: str) -> dict:
     else:
         return info  # a hub id: the actors resolve it (with --local-files-only, from the local cache only)
     extra = index.get("musiccm", {})
-    info.update(name=extra.get("name", info["name"]), trained=extra.get("trained"), note=extra.get("note"))
+    info.update(name=extra.get("name", info["name"]), trained=extra.get("trained"), note=extra.get("note"),
+                consistency=is_consistency(index))
     return info
+
+
+def with_model_steps(config: BatchConfig, model_info: dict) -> BatchConfig:
+    """The config with `default_steps` resolved for the model's kind; ValueError if it is out of range for it."""
+    try:
+        steps = resolve_default_steps(config.default_steps, model_info["consistency"])
+    except ValueError as exc:
+        raise ValueError(f"model {model_info['name']}: {exc}") from None
+    return dataclasses.replace(config, default_steps=steps)
 
 
 def claim_output(config: BatchConfig, model_info: dict, attempt: str) -> None:
@@ -130,7 +160,7 @@ def claim_output(config: BatchConfig, model_info: dict, attempt: str) -> None:
 # ---------------------------------------------------------------- Ray parts
 
 
-def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig) -> pa.Table:
+def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig, max_steps: int) -> pa.Table:
     """Read the manifest with Ray Data and validate rows in Ray tasks; the checked table comes to the driver."""
     import ray
 
@@ -142,7 +172,7 @@ def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig) -> p
         manifest.check_batch,
         batch_format="pyarrow",
         fn_kwargs={"max_duration": config.max_duration, "default_steps": config.default_steps,
-                   "default_format": config.default_format},
+                   "max_steps": max_steps, "default_format": config.default_format},
     )
     tables = [t for t in ray.get(checked.to_arrow_refs()) if t.num_rows]
     if not tables:
@@ -209,19 +239,23 @@ class Work:
     counts: dict
 
 
-def preflight(config: BatchConfig, attempt: str) -> tuple[list[str], pa.Schema, dict]:
-    """Everything that can fail fast, before Ray: manifest files and schema, output writability, model, claim."""
+def preflight(config: BatchConfig, attempt: str) -> tuple[BatchConfig, list[str], pa.Schema, dict]:
+    """Everything that can fail fast, before Ray: manifest files and schema, output writability, model, claim.
+
+    Returns the config with the model's default steps filled in (what `_RUN.json` and the summary record).
+    """
     files = manifest_files(config.manifest)
     carried = manifest_schema(files)
     storage.check_writable(config.output)
     model_info = inspect_model(config.model)
+    config = with_model_steps(config, model_info)
     claim_output(config, model_info, attempt)
-    return files, carried, model_info
+    return config, files, carried, model_info
 
 
-def find_work(files: list[str], carried: pa.Schema, config: BatchConfig, attempt: str) -> Work:
+def find_work(files: list[str], carried: pa.Schema, config: BatchConfig, attempt: str, max_steps: int) -> Work:
     """Read and check rows (Ray tasks), reject bad and duplicate ids, drop ids already done; write errors."""
-    checked = read_checked(files, carried, config)
+    checked = read_checked(files, carried, config, max_steps)
     valid, errors = manifest.split(checked)
     state = resume.resume_state(config.output, verify=config.verify_audio)
     done = pc.is_in(valid.column("id"), value_set=pa.array(sorted(state.done), pa.string()))
@@ -255,10 +289,11 @@ def run(config: BatchConfig) -> dict:
     import ray
 
     started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
-    files, carried, model_info = preflight(config, attempt)  # 1. fail fast, no Ray yet
+    config, files, carried, model_info = preflight(config, attempt)  # 1. fail fast, no Ray yet
     print(f"[batch] run {config.run_name!r}: {len(files)} manifest file(s) → {config.output}", flush=True)
     with ray_session(config):
-        work = find_work(files, carried, config, attempt)  # 2-3. check rows, resume
+        max_steps = steps_limit(model_info["consistency"])
+        work = find_work(files, carried, config, attempt, max_steps)  # 2-3. check rows, resume
         c = work.counts
         print(f"[batch] {c['requested']} rows: {c['rejected']} rejected, {c['skipped_done']} already done, "
               f"{c['to_generate']} to generate", flush=True)
