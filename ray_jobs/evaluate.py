@@ -9,6 +9,8 @@ Cluster (storage settings from the standard AWS environment, e.g. runtime_env en
         --pann-ckpt s3://b/w/Cnn14_16k_mAP=0.438.pth --vggish-ckpt s3://b/w/vggish-10086976.pth --num-actors 8
 Writes {out}/metrics.json, {out}/features.parquet and a row of the Markdown table {out}/table.md (or --table).
 A metric whose network has no weights is reported unavailable (with how to provide them); the rest still run.
+With --classifier DIR (a label classifier, e.g. the demo's outputs/demo/classifier) also FD_cls, KID_cls, IS_cls,
+KL_cls and attribute accuracy against the label columns (instrument, mode, ...) of the generated metric rows.
 Exit codes: 0 metrics written; 1 no generated clip could be read; 2 unusable inputs, weights or output.
 """
 
@@ -43,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     a("--clap-model", default=None, help="CLAP for the text-audio score and SIM_AA: a MusicLDM-layout model "
       "directory or a transformers ClapModel directory (local or s3://); default: the generating model's own CLAP")
     a("--no-clap", action="store_true", help="skip the CLAP metrics")
+    a("--classifier", default=None, metavar="DIR", help="a label classifier saved by "
+      "musiccm.evaluation.classifier.save (config.json + model.safetensors, local dir or s3:// prefix), e.g. the "
+      "demo's outputs/demo/classifier; its embedding feeds FD_cls/KID_cls, its `logits_head` logits feed "
+      "IS_cls/KL_cls, its heads give attribute accuracy against label columns of the generated metric rows "
+      "(and of the reference, when it has them). Optional; a given one that does not load is an error (exit 2)")
     a("--num-actors", type=int, default=1, help="feature-extraction actors; one GPU each when the cluster has "
       "GPUs (default 1)")
     a("--batch-size", type=int, default=4, help="clips per actor call (default 4)")
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         config = evaluate.EvalConfig(
             generated=args.generated, reference=args.reference, out=args.out, train_reference=args.train_reference,
             table=args.table, label=args.label, pann_ckpt=args.pann_ckpt, vggish_ckpt=args.vggish_ckpt,
-            clap_model=args.clap_model, no_clap=args.no_clap, num_actors=args.num_actors, batch_size=args.batch_size,
+            clap_model=args.clap_model, no_clap=args.no_clap, classifier=args.classifier,
+            num_actors=args.num_actors, batch_size=args.batch_size,
             device=args.device, cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
             sim_thresholds=tuple(args.sim_thresholds), is_splits=args.is_splits, kid_subsets=args.kid_subsets,
             kid_subset_size=args.kid_subset_size, seed=args.seed, progress_s=args.progress_s,

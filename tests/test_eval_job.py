@@ -1,10 +1,12 @@
 """Evaluation end to end: feature networks against audioldm_eval's own code, safe weight loading, the job.
 
 Weights are RANDOMLY INITIALISED Cnn14 (`{"model": state_dict}` as the PANNs release), VGGish (a plain
-state dict as torch.hub caches it) and a tiny CLAP saved to files and passed by path: the code path
-real weights take. The generated set is a real batch-output layout (metric shards written with
-`musiccm.batch.metrics`, FLAC clips) of short synthetic tones; the reference set shares their ids
-(KL pairs by id) and adds an unreadable file and a 22.05 kHz stereo file. The job runs as users run
+state dict as torch.hub caches it), a tiny CLAP and a label classifier (`classifier.save`) saved to
+files and passed by path: the code path real weights take. The generated set is a real batch-output
+layout (metric shards written with `musiccm.batch.metrics`, FLAC clips, instrument/mode label columns
+carried from the manifest) of short synthetic tones; the reference set shares their ids (KL pairs by
+id), labels some of them in a Parquet beside the audio, and adds an unreadable file and a 22.05 kHz
+stereo file. The job runs as users run
 it, `python ray_jobs/evaluate.py ...` in a subprocess with its own local Ray, on local disk and on
 a real S3 server (SeaweedFS); the faster availability checks run the same code in-process.
 """
@@ -31,6 +33,7 @@ import torch
 from musiccm import audio_io, storage
 from musiccm.batch import metrics as batch_metrics
 from musiccm.defaults import DEFAULT_MODEL
+from musiccm.evaluation import classifier as C
 from musiccm.evaluation import features as F
 from musiccm.evaluation import metrics as M
 from musiccm.evaluation import report
@@ -41,6 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "ray_jobs" / "evaluate.py")
 SR = 16_000
 FREQS = (220.0, 330.0, 440.0, 550.0, 660.0, 770.0)
+# Manifest label columns the batch job carries into the metric rows (c5 has no instrument label).
+INSTRUMENTS = ("piano", "organ", "piano", "guitar", "organ", None)
+MODES = ("major", "minor", "minor", "major", "major", "minor")
+CLASSES = {"instrument": ["piano", "organ", "guitar"], "mode": ["major", "minor"], "tempo": ["slow", "fast"]}
+LABEL_SCHEMA = pa.schema([("instrument", pa.string()), ("mode", pa.string())])
 
 
 def tone(freq: float, seconds: float = 2.0, sr: int = SR, seed: int = 0) -> np.ndarray:
@@ -52,14 +60,16 @@ def tone(freq: float, seconds: float = 2.0, sr: int = SR, seed: int = 0) -> np.n
 
 def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], steps: int, name: str) -> None:
     """A batch-generation output as `musiccm.jobs.batch` writes it: audio/, metrics/*.parquet, _SUMMARY.json."""
+    schema = batch_metrics.metric_schema(LABEL_SCHEMA)  # core columns + carried manifest label columns
     writer = batch_metrics.ShardWriter(storage.join(root, "metrics"), "20250101T000000000000Z-abcdef",
-                                       batch_metrics.METRIC_SCHEMA, 100, 1e9)
+                                       schema, 100, 1e9)
     rows = []
-    for clip_id, prompt, wave in clips:
+    for i, (clip_id, prompt, wave) in enumerate(clips):
         data = audio_io.encode(wave, SR, "flac", {"prompt": prompt})
         uri = storage.join(root, "audio", f"{clip_id}.flac")
         storage.write_bytes(uri, data)
-        request = {"id": clip_id, "prompt": prompt, "duration_s": None, "seed": 0, "steps": steps, "format": "flac"}
+        request = {"id": clip_id, "prompt": prompt, "duration_s": None, "seed": 0, "steps": steps, "format": "flac",
+                   "instrument": INSTRUMENTS[i], "mode": MODES[i]}
         rows.append(batch_metrics.metric_row(
             request, waveform=wave, sample_rate=SR, audio=batch_metrics.AudioFile(uri, len(data), "-"),
             model={"name": name, "uri": DEFAULT_MODEL, "hash": "0123456789abcdef"},
@@ -70,7 +80,7 @@ def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], step
     writer.close()
     storage.write_bytes(storage.join(root, "audio", "c9.flac"), b"fLaC but truncated")  # unreadable clip
     writer = batch_metrics.ShardWriter(storage.join(root, "metrics"), "20250101T000001000000Z-abcdef",
-                                       batch_metrics.METRIC_SCHEMA, 100, 1e9)
+                                       schema, 100, 1e9)
     writer.add([{**rows[0], "id": "c9", "audio_uri": storage.join(root, "audio", "c9.flac")}])
     writer.close()
     summary = {"run_name": name + f"-{steps}step", "model": {"name": name, "uri": DEFAULT_MODEL}}
@@ -79,7 +89,7 @@ def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], step
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Random Cnn14 (.pth, {"model": state_dict}), VGGish (in a torch.hub cache layout), tiny CLAP directory."""
+    """Random Cnn14 (.pth, {"model": state_dict}), VGGish (torch.hub cache layout), tiny CLAP, label classifier."""
     spec = importlib.util.spec_from_file_location("make_weights", REPO / "scripts" / "make_random_eval_weights.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
@@ -89,7 +99,14 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "vggish": str(make.make_vggish(root / "torch-home" / "hub" / "checkpoints" / F.VGGISH_FILE, seed=0)),
         "torch_home": str(root / "torch-home"),
         "clap": str(make.make_clap(root / "clap", seed=0)),
+        "classifier": random_classifier(root / "classifier"),
     }
+
+
+def random_classifier(directory: Path) -> str:
+    """A randomly initialised label classifier (instrument, mode, tempo heads) saved as the demo saves one."""
+    torch.manual_seed(0)
+    return C.save(C.LabelClassifier(CLASSES, width=16, embed_dim=16), directory)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +120,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         storage.write_bytes(f"{ref}/c{i}.flac", audio_io.encode(tone(f * 1.07, seed=10 + i), SR, "flac"))
     for i in range(2):
         storage.write_bytes(f"{ref}/extra-{i}.flac", audio_io.encode(tone(250 + 100 * i, seed=30 + i), SR, "flac"))
+    # Labels beside the audio (no caption column): the classifier's reference accuracy; extra-1 is unlabelled.
+    pq.write_table(pa.table({"id": ["c0", "c1", "c2", "c3", "extra-0"],
+                             "instrument": ["piano", "organ", "piano", "guitar", "guitar"]}), f"{ref}/labels.parquet")
     storage.write_bytes(f"{ref}/broken.wav", b"RIFF....WAVEfmt but nothing else")
     buf = io.BytesIO()
     sf.write(buf, np.stack([tone(300, sr=22050), tone(301, sr=22050)], 1), 22050, format="WAV")
@@ -225,7 +245,8 @@ def test_weight_files_are_never_unpickled_beyond_tensors_and_numpy(tmp_path: Pat
 def local_run(weights: dict[str, str], data: dict[str, str]) -> tuple[str, subprocess.CompletedProcess]:
     out = str(Path(data["root"]) / "eval-local")
     proc = cli("--generated", data["gen"], "--reference", data["ref"], "--train-reference", data["train"],
-               "--out", out, "--pann-ckpt", weights["pann"], "--vggish-ckpt", weights["vggish"], "--progress-s", "1")
+               "--out", out, "--pann-ckpt", weights["pann"], "--vggish-ckpt", weights["vggish"], "--progress-s", "1",
+               "--classifier", weights["classifier"])
     # No --clap-model: the generating model's own CLAP (the metric rows name the bundled default model).
     return out, proc
 
@@ -274,6 +295,61 @@ def test_job_on_local_disk(local_run: tuple[str, subprocess.CompletedProcess], d
     assert "tiny-student" in proc.stdout and "unreadable files (2)" in proc.stdout
 
 
+def expected_accuracy(rows: list[dict], labels: dict[str, dict]) -> dict[str, float]:
+    """Attribute accuracy recomputed from features.parquet's cls_pred: labelled clips whose prediction matches."""
+    out = {}
+    for head in ("instrument", "mode"):
+        hits = [json.loads(r["cls_pred"])[head] == labels[r["id"]][head] for r in rows
+                if labels.get(r["id"], {}).get(head) is not None]
+        if hits:
+            out[head] = float(np.mean(hits))
+    return out
+
+
+@pytest.mark.slow
+def test_job_classifier_metrics_and_attribute_accuracy(local_run: tuple[str, subprocess.CompletedProcess],
+                                                       weights: dict[str, str]) -> None:
+    """--classifier: FD_cls/KID_cls/IS_cls/KL_cls from its features; accuracy per head that is a label column."""
+    out, proc = local_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = read_json(f"{out}/metrics.json")
+    m = result["metrics"]
+    cls_keys = [k for k, n in M.NETWORK_OF.items() if n == "classifier"]
+    assert sorted(cls_keys) == sorted([
+        "frechet_distance_cls", "kernel_inception_distance_cls_mean", "kernel_inception_distance_cls_std",
+        "inception_score_cls_mean", "inception_score_cls_std", "kullback_leibler_divergence_cls_softmax",
+        "kullback_leibler_divergence_cls_sigmoid"])
+    assert all(m[k] is not None and np.isfinite(m[k]) for k in cls_keys)
+    assert result["networks"]["classifier"]["uri"] == weights["classifier"]
+    assert result["networks"]["classifier"]["heads"] == CLASSES
+    table = pq.read_table(f"{out}/features.parquet")
+    assert {"cls_embedding", "cls_logits", "cls_pred"} <= set(table.column_names)
+    rows = [r for r in table.to_pylist() if r["error"] is None]
+    gen = [r for r in rows if r["set"] == "generated"]
+    ref = [r for r in rows if r["set"] == "reference"]
+    assert all(len(r["cls_embedding"]) == 16 and len(r["cls_logits"]) == 3 for r in gen + ref)  # instrument head
+    # The numbers are the metric functions on the features the actors wrote.
+    g_emb, r_emb = (np.asarray([r["cls_embedding"] for r in x], np.float32) for x in (gen, ref))
+    assert m["frechet_distance_cls"] == pytest.approx(M.frechet_distance(g_emb, r_emb), rel=1e-6)
+    assert m["inception_score_cls_mean"] == pytest.approx(
+        M.inception_score(np.asarray([r["cls_logits"] for r in gen], np.float32))[0], rel=1e-9)
+    assert any("KL_cls over the 4 of 6 generated clips" in n for n in result["notes"])
+    # Accuracy: instrument and mode are label columns of the metric rows (c5 has no instrument); tempo is not.
+    labels = {f"c{i}": {"instrument": INSTRUMENTS[i], "mode": MODES[i]} for i in range(6)}
+    assert result["attribute_accuracy"] == pytest.approx(expected_accuracy(gen, labels))
+    assert set(result["attribute_accuracy"]) == {"instrument", "mode"}
+    assert result["attribute_accuracy_mean"] == pytest.approx(np.mean(list(result["attribute_accuracy"].values())))
+    assert any("tempo" in n and "no label column" in n for n in result["notes"])
+    ref_labels = {i: {"instrument": v} for i, v in zip(["c0", "c1", "c2", "c3", "extra-0"],
+                                                        ["piano", "organ", "piano", "guitar", "guitar"], strict=True)}
+    assert result["reference_attribute_accuracy"] == pytest.approx(expected_accuracy(ref, ref_labels))
+    assert set(result["reference_attribute_accuracy"]) == {"instrument"}
+    row = report.parse_table(Path(f"{out}/table.md").read_text())[0]
+    assert row["FD_cls ↓"] == f"{m['frechet_distance_cls']:.2f}" and row["IS_cls ↑"] != "n/a"
+    assert row["Acc (%) ↑"] == f"{100 * result['attribute_accuracy_mean']:.1f}"
+    assert "attribute accuracy: instrument" in proc.stdout
+
+
 @pytest.fixture(scope="module")
 def s3() -> Iterator[SeaweedFS]:
     with SeaweedFS() as server:
@@ -311,12 +387,16 @@ def test_job_on_s3_self_evaluation_appends_a_row(s3: SeaweedFS, local_run: tuple
         F.load_state_dict("s3://eval/weights/absent.pth")
     storage.upload_dir(data["gen"], "s3://eval/gen/run4")
     storage.upload_dir(DEFAULT_MODEL, "s3://eval/models/default")
+    storage.upload_dir(weights["classifier"], "s3://eval/models/classifier")
+    with pytest.raises(F.WeightsError, match="not a label classifier"):
+        F.check_classifier("s3://eval/models/default")  # a prefix without the classifier's files
     storage.write_file("s3://eval/train.parquet", f"{out_local}/train_clap_embeddings.parquet")
     storage.write_file("s3://eval/table.md", f"{out_local}/table.md")
     proc = cli("--generated", "s3://eval/gen/run4", "--reference", "s3://eval/gen/run4",
                "--train-reference", "s3://eval/train.parquet", "--out", "s3://eval/out/self",
                "--table", "s3://eval/table.md", "--label", "self", "--vggish-ckpt", weights["vggish"],
-               "--clap-model", "s3://eval/models/default", env=s3.env, cwd=tmp_path)
+               "--clap-model", "s3://eval/models/default", "--classifier", "s3://eval/models/classifier",
+               env=s3.env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result, first = read_json("s3://eval/out/self/metrics.json"), read_json(f"{out_local}/metrics.json")
     m, m1 = result["metrics"], first["metrics"]
@@ -324,6 +404,12 @@ def test_job_on_s3_self_evaluation_appends_a_row(s3: SeaweedFS, local_run: tuple
     assert abs(m["frechet_audio_distance"]) < 1e-3 * m1["frechet_audio_distance"]
     assert m["frechet_distance"] is None and "--pann-ckpt" in result["unavailable"]["frechet_distance"][
         "how_to_provide"]
+    # The classifier from S3: a set against itself; the reference (a batch output) carries the same labels.
+    assert abs(m["frechet_distance_cls"]) < 1e-3 * max(m1["frechet_distance_cls"], 1e-3)
+    assert abs(m["kullback_leibler_divergence_cls_softmax"]) < 1e-4
+    assert result["networks"]["classifier"]["sha256_16"] == first["networks"]["classifier"]["sha256_16"]
+    assert result["attribute_accuracy"] == pytest.approx(first["attribute_accuracy"])
+    assert result["reference_attribute_accuracy"] == pytest.approx(result["attribute_accuracy"])
     # The reference is a batch output: its metric shards caption it with the same prompts.
     assert m["clap_text_audio_reference_mean"] == pytest.approx(m["clap_text_audio_mean"], abs=1e-6)
     assert m["clap_text_audio_mean"] == pytest.approx(m1["clap_text_audio_mean"], abs=1e-6)  # same CLAP weights
@@ -368,6 +454,29 @@ def test_missing_weights_are_reported_and_the_rest_still_runs(
     assert {u["id"] for u in result["unreadable"]} == {"c9", "bad"}
 
 
+def test_classifier_alone_with_a_labelled_reference_parquet(
+        weights: dict[str, str], data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only --classifier (in-process): its metrics and accuracies; null labels are skipped; the rest unavailable."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    uris = [f"{data['ref']}/c{i}.flac" for i in range(4)]
+    pq.write_table(pa.table({"id": ["c0", "c1", "c2", "c3"], "audio_uri": uris,
+                             "mode": ["major", None, "minor", "major"]}), tmp_path / "ref.parquet")
+    config = E.EvalConfig(generated=data["gen"], reference=str(tmp_path / "ref.parquet"), out=str(tmp_path / "out"),
+                          no_clap=True, classifier=weights["classifier"], label="cls-only")
+    result = E.run(config, use_ray=False)
+    m, rows = result["metrics"], pq.read_table(tmp_path / "out" / "features.parquet").to_pylist()
+    assert all(m[k] is not None for k, n in M.NETWORK_OF.items() if n == "classifier")
+    assert m["frechet_distance"] is None and m["frechet_audio_distance"] is None
+    preds = {(r["set"], r["id"]): json.loads(r["cls_pred"]) for r in rows if r["cls_pred"] is not None}
+    assert set(preds[("generated", "c0")]) == set(CLASSES)  # every head predicts a class name
+    ref_hits = [preds[("reference", i)]["mode"] == v for i, v in (("c0", "major"), ("c2", "minor"), ("c3", "major"))]
+    assert result["reference_attribute_accuracy"] == {"mode": pytest.approx(np.mean(ref_hits))}  # c1: null label
+    gen_hits = [preds[("generated", f"c{i}")]["instrument"] == INSTRUMENTS[i] for i in range(5)]  # c5: no label
+    assert result["attribute_accuracy"]["instrument"] == pytest.approx(np.mean(gen_hits))
+    assert result["table_row"]["Acc (%) ↑"] == f"{100 * result['attribute_accuracy_mean']:.1f}"
+
+
 def test_weights_are_found_at_the_libraries_default_locations(
         weights: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No flags: Cnn14 from audioldm_eval's ./ckpt/, VGGish from torch.hub's cache, CLAP from the run's model."""
@@ -380,7 +489,8 @@ def test_weights_are_found_at_the_libraries_default_locations(
     networks, info, missing = E.resolve_networks(config, inputs)
     assert networks == F.Networks(pann=str(tmp_path / "ckpt" / F.PANN_FILE), vggish=weights["vggish"],
                                   clap=DEFAULT_MODEL)
-    assert missing == {} and info["pann"]["default_location"] and info["vggish"]["default_location"]
+    assert missing == {"classifier": M.NO_CLASSIFIER}  # optional, no default location: only --classifier
+    assert info["pann"]["default_location"] and info["vggish"]["default_location"]
     assert info["clap"]["own_model"] and len(info["vggish"]["sha256_16"]) == 16
 
 
@@ -411,10 +521,35 @@ def test_unusable_inputs_exit_2(weights: dict[str, str], data: dict[str, str], t
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_bad_classifier_exits_2_before_any_actor(data: dict[str, str], weights: dict[str, str], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_actors(*args, **kwargs):
+        raise AssertionError("feature extraction started despite an unusable --classifier")
+
+    monkeypatch.setattr(E, "extract", no_actors)
+    main, out = load_script().main, str(tmp_path / "out")
+    base = ["--generated", data["gen"], "--reference", data["ref"], "--out", out, "--no-clap"]
+    assert main([*base, "--classifier", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert f"--classifier {tmp_path / 'absent'}: not a label classifier (needs config.json + model.safetensors" in err
+    storage.write_file(str(tmp_path / "bad" / "model.safetensors"), f"{weights['classifier']}/model.safetensors")
+    (tmp_path / "bad" / "config.json").write_text('{"classes": {"instrument": ["a", "b"]}, "width": 16}')
+    assert main([*base, "--classifier", str(tmp_path / "bad")]) == 2  # weights of another shape
+    assert "not a usable label classifier (" in capsys.readouterr().err
+    (tmp_path / "bad" / "config.json").write_text("not json")
+    assert main([*base, "--classifier", str(tmp_path / "bad")]) == 2
+    assert "not a usable label classifier" in capsys.readouterr().err
+    assert main([*base, "--classifier", " "]) == 2
+    assert "classifier=' ' is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_documents_every_flag() -> None:
     parser = load_script().parser()
     text = parser.format_help()
     for flag in ("--generated", "--reference", "--train-reference", "--out", "--pann-ckpt", "--vggish-ckpt",
-                 "--clap-model", "--num-actors", "--table", "--label"):
+                 "--clap-model", "--classifier", "--num-actors", "--table", "--label"):
         assert flag in text
     assert all(action.help for action in parser._actions)
+    assert "musiccm.evaluation.classifier.save" in text and "FD_cls/KID_cls" in text

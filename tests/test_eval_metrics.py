@@ -3,7 +3,8 @@
 The functions under test call audioldm_eval 0.0.3's own metric code; these tests pin what it computes
 (FD of a set with itself is 0 and grows with a shift exactly as the Gaussian formula says, IS of
 uniform logits is 1, KL of identical pairs is 0 up to its 1e-6 log epsilon, KID matches an unbiased
-polynomial MMD², SIM_AA of a set against itself is 1), plus the availability logic of `corpus_metrics`.
+polynomial MMD², SIM_AA of a set against itself is 1), plus the availability logic of `corpus_metrics`
+(the label classifier's FD_cls/KID_cls/IS_cls/KL_cls included) and the table's classifier columns.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def test_cosine_pairs_is_scale_free_and_checks_shapes() -> None:
 def features(ids: list[str], rng: np.random.Generator, shift: float = 0.0, text: bool = True) -> M.Features:
     n = len(ids)
     f = M.Features()
-    for kind, dim in (("pann_embedding", 16), ("pann_logits", 10), ("clap_audio", 8)):
+    for kind, dim in (("pann_embedding", 16), ("pann_logits", 10), ("clap_audio", 8), ("cls_embedding", 6),
+                      ("cls_logits", 4)):
         f.ids[kind], f.arrays[kind] = list(ids), rng.standard_normal((n, dim)).astype(np.float32) + shift
     if text:
         f.ids["clap_text"], f.arrays["clap_text"] = list(ids), rng.standard_normal((n, 8)).astype(np.float32)
@@ -254,6 +256,46 @@ def test_kl_needs_matching_ids_and_notes_partial_pairing() -> None:
     assert any("2 of 4 generated clips" in n for n in notes)
 
 
+def classifier_features(emb: np.ndarray, logits: np.ndarray) -> M.Features:
+    """Only label-classifier features (no Cnn14/VGGish/CLAP), one id per row."""
+    f, ids = M.Features(), [f"c{i}" for i in range(len(emb))]
+    f.ids["cls_embedding"], f.arrays["cls_embedding"] = ids, emb
+    f.ids["cls_logits"], f.arrays["cls_logits"] = list(ids), logits
+    return f
+
+
+def test_classifier_metrics_of_a_set_with_itself(gauss: np.ndarray) -> None:
+    """FD_cls of a set with itself ≈ 0; IS_cls of uniform logits is 1; KL_cls of identical pairs ≈ 0."""
+    same = classifier_features(gauss, np.zeros((len(gauss), 5), np.float32))
+    missing = {n: {"reason": "not given"} for n in ("pann", "vggish", "clap")}
+    values, unavailable, _ = M.corpus_metrics(same, same, None, missing=missing, kid_subset_size=50)
+    assert abs(values["frechet_distance_cls"]) < 1e-6
+    assert values["kernel_inception_distance_cls_mean"] == pytest.approx(
+        M.kernel_inception_distance(gauss, gauss, subset_size=50)[0])  # the same function on the same features
+    assert values["inception_score_cls_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert values["inception_score_cls_std"] == pytest.approx(0.0, abs=1e-12)
+    assert -5e-6 * 1.02 <= values["kullback_leibler_divergence_cls_softmax"] <= 0  # log(p + 1e-6), 5 classes
+    assert not any(k in unavailable for k, n in M.NETWORK_OF.items() if n == "classifier")
+    shifted = classifier_features(gauss + 1.0, np.zeros((len(gauss), 5), np.float32))
+    values, _, _ = M.corpus_metrics(shifted, same, None, missing=missing, kid_subset_size=50)
+    assert values["frechet_distance_cls"] == pytest.approx(8.0, rel=1e-4)  # ||shift||² = D·1², same covariance
+
+
+def test_classifier_metrics_are_unavailable_without_a_classifier() -> None:
+    rng = np.random.default_rng(11)
+    gen, ref = features(["a", "b", "c"], rng), features(["a", "b", "c"], rng, shift=1.0)
+    for f in (gen, ref):
+        del f.arrays["cls_embedding"], f.arrays["cls_logits"]
+    values, unavailable, _ = M.corpus_metrics(gen, ref, None)
+    cls_keys = {k for k, n in M.NETWORK_OF.items() if n == "classifier"}
+    assert len(cls_keys) == 7 and cls_keys <= set(unavailable)
+    for key in cls_keys:
+        assert values[key] is None and unavailable[key] == M.NO_CLASSIFIER
+    assert unavailable["frechet_distance_cls"]["reason"] == "no --classifier given"
+    assert "--classifier DIR" in unavailable["frechet_distance_cls"]["how_to_provide"]
+    assert values["frechet_distance"] is not None  # the other networks are unaffected
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -274,3 +316,30 @@ def test_table_rows_are_replaced_by_label_and_appended_otherwise(tmp_path) -> No
     (tmp_path / "other.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
     with pytest.raises(ValueError, match="columns"):
         report.upsert_row(str(tmp_path / "other.md"), result("x", 1.0))
+
+
+def test_table_widens_with_classifier_columns_and_keeps_older_rows(tmp_path) -> None:
+    """A classifier run adds FD_cls/IS_cls/KL_cls/Acc before latency; rows without them show n/a, either order."""
+    def result(label: str, cls: bool) -> dict:
+        m = {"frechet_distance": 1.0, "inception_score_mean": 1.5}
+        if cls:
+            m |= {"frechet_distance_cls": 3.25, "inception_score_cls_mean": 2.0,
+                  "kullback_leibler_divergence_cls_softmax": None}
+        return report.table_row({"label": label, "model": {"name": "m"}, "steps": 4, "latency": {},
+                                 "counts": {"generated": 3}, "metrics": m,
+                                 "attribute_accuracy_mean": 0.625 if cls else None})
+
+    table = str(tmp_path / "t.md")
+    report.upsert_row(table, result("old", cls=False))
+    text = report.upsert_row(table, result("cls", cls=True))
+    header = next(line for line in text.splitlines() if line.startswith("| Model"))
+    assert header.index("KL ↓") < header.index("FD_cls ↓") < header.index("Acc (%) ↑") < header.index("Latency")
+    text = report.upsert_row(table, result("new-plain", cls=False))
+    rows = {r["Run"]: r for r in report.parse_table(text)}
+    assert rows["cls"]["FD_cls ↓"] == "3.25" and rows["cls"]["KL_cls ↓"] == "n/a"
+    assert rows["cls"]["Acc (%) ↑"] == "62.5"
+    assert all(rows[r][c] == "n/a" for r in ("old", "new-plain") for c in report.CLS_COLUMNS)
+    assert rows["old"]["FD_pann ↓"] == "1.00" and "FD_cls" in text.split("\n\n")[-1]  # legend explains them
+    narrow = str(tmp_path / "narrow.md")
+    report.upsert_row(narrow, result("a", cls=False))
+    assert "FD_cls" not in (tmp_path / "narrow.md").read_text()

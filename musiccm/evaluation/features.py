@@ -15,6 +15,9 @@
   audioldm_eval's `load_audio_task`: channels averaged, resampled to 16 kHz (torchaudio, where the
   library uses resampy).
 - **CLAP** (text + audio towers) → 512-d embeddings through `musiccm.external`.
+- **Label classifier** (`musiccm.evaluation.classifier`, optional: `--classifier`) → its pooled embedding
+  (FD_cls, KID_cls), the logits of its `logits_head` (IS_cls, KL_cls) and each head's predicted class
+  (attribute accuracy against the prompts' labels). Input: channels averaged, padded to ≥ 0.5 s.
 
 Weights come only from files the user names (local or s3://) or the libraries' default cache
 locations; nothing is downloaded from the internet. Torch pickles are read with `weights_only=True`;
@@ -76,6 +79,8 @@ def default_vggish_path() -> str:
 
 PANN_HOWTO = (f"pass --pann-ckpt PATH to {PANN_FILE} (PANNs Cnn14 16 kHz, Zenodo record 3987831; .pth or "
               f".safetensors, local or s3://) or put it at ./ckpt/{PANN_FILE} (audioldm_eval's location)")
+CLASSIFIER_FILES = ("config.json", "model.safetensors")
+CLS_MIN_SECONDS = 0.5  # the CNN pools time 16×: shorter clips are padded with silence (4 frames would not pool)
 CLAP_HOWTO = ("pass --clap-model PATH: a MusicLDM-layout model directory (its text_encoder, tokenizer and "
               "feature_extractor are used) or a transformers ClapModel directory, local or s3://")
 
@@ -345,6 +350,64 @@ class Clap:
         return external.encode_text(self.parts, texts)[0].cpu().numpy()
 
 
+@contextlib.contextmanager
+def _classifier_dir(uri: str) -> Iterator[str]:
+    """A local directory with the classifier's files (s3://: the two files downloaded to a temporary directory)."""
+    if not storage.is_s3(uri):
+        yield os.path.expanduser(uri.removeprefix("file://"))
+        return
+    with tempfile.TemporaryDirectory(prefix="musiccm-classifier-") as tmp:
+        for name in CLASSIFIER_FILES:
+            storage.download_file(storage.join(uri, name), os.path.join(tmp, name))
+        yield tmp
+
+
+def _classifier_files_exist(uri: str) -> bool:
+    if storage.is_s3(uri):
+        return all(storage.exists(storage.join(uri, name)) for name in CLASSIFIER_FILES)
+    path = os.path.expanduser(uri.removeprefix("file://"))
+    return all(os.path.isfile(os.path.join(path, name)) for name in CLASSIFIER_FILES)
+
+
+def load_classifier(uri: str, device: str = "cpu") -> tuple[Any, str]:
+    """(LabelClassifier, sha256 prefix of its weights) from a directory or s3:// prefix; WeightsError if unusable."""
+    from musiccm.evaluation import classifier
+
+    try:
+        if not _classifier_files_exist(uri):
+            raise WeightsError(f"{uri}: not a label classifier (needs {' + '.join(CLASSIFIER_FILES)}, as "
+                               "musiccm.evaluation.classifier.save writes them)")
+        with _classifier_dir(uri) as directory:
+            digest = file_digest(os.path.join(directory, "model.safetensors"))
+            try:  # a bad config (unknown keys: TypeError) or unreadable weights: say so, never a traceback
+                return classifier.load(directory, device), digest
+            except Exception as exc:
+                raise WeightsError(f"{uri}: not a usable label classifier ({_first_line(exc)})") from None
+    except storage.StorageError as exc:
+        raise WeightsError(str(exc)) from None
+
+
+def check_classifier(uri: str) -> dict:
+    """Load the classifier once on CPU (it is small): {uri, sha256_16, heads: {head: classes}, logits_head}."""
+    net, digest = load_classifier(uri)
+    return {"uri": uri, "sha256_16": digest, "heads": net.classes, "logits_head": net.logits_head}
+
+
+class Classifier:
+    """The label classifier: waveform → (embedding, `logits_head` logits, {head: predicted class name})."""
+
+    def __init__(self, uri: str, device: str = "cpu") -> None:
+        self.net = load_classifier(uri, device)[0]
+
+    def __call__(self, wave: torch.Tensor, sample_rate: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+        """`wave` (C, S) → (embedding (D,), logits (K,), predictions) from the channel mean."""
+        x = wave.float().mean(0)
+        x = torch.nn.functional.pad(x, (0, max(0, int(CLS_MIN_SECONDS * sample_rate) - x.shape[-1])))
+        emb, logits = self.net.wave_features(x, sample_rate)
+        pred = {head: self.net.classes[head][int(v.argmax())] for head, v in logits.items()}
+        return emb.float().numpy(), logits[self.net.logits_head].float().numpy(), pred
+
+
 # ---------------------------------------------------------------- audio
 
 
@@ -382,6 +445,7 @@ class Networks:
     pann: str | None = None
     vggish: str | None = None
     clap: str | None = None
+    classifier: str | None = None  # a label classifier directory (musiccm.evaluation.classifier.save)
 
 
 INPUT_SCHEMA = pa.schema([("set", pa.string()), ("id", pa.string()), ("uri", pa.string()), ("text", pa.string())])
@@ -392,16 +456,20 @@ FEATURE_SCHEMA = pa.schema([
     ("pann_embedding", _VEC), ("pann_logits", _VEC),
     ("vggish", _VEC), ("vggish_frames", pa.int32()),  # (frames × 128) flattened
     ("clap_audio", _VEC), ("clap_text", _VEC),
+    ("cls_embedding", _VEC), ("cls_logits", _VEC),  # the label classifier's embedding and logits_head logits
+    ("cls_pred", pa.string()),  # JSON {head: predicted class name}
 ])
+CLS_COLUMNS = ("cls_embedding", "cls_logits", "cls_pred")
 
 
 class FeatureStage:
     """Callable class for `Dataset.map_batches`: loads each available network once per actor.
 
     Rows (set, id, uri, text) → one FEATURE_SCHEMA row each. `generated` and `reference` clips get
-    Cnn14 and VGGish features, CLAP audio (and text when the row has one) for `generated` always and
-    for `reference` when it has a caption; `train` clips only CLAP audio (SIM_AA). A file that cannot
-    be read or decoded gets `error` and no features. Imports no Ray: runs the same in a plain loop.
+    Cnn14, VGGish and label-classifier features, CLAP audio (and text when the row has one) for
+    `generated` always and for `reference` when it has a caption; `train` clips only CLAP audio
+    (SIM_AA). A file that cannot be read or decoded gets `error` and no features. Imports no Ray:
+    runs the same in a plain loop.
     """
 
     def __init__(self, networks: Networks, device: str | None = None, torch_threads: int | None = None) -> None:
@@ -412,6 +480,7 @@ class FeatureStage:
         self.pann = PannCnn14(load_state_dict(networks.pann)[0], self.device) if networks.pann else None
         self.vggish = VGGish(load_state_dict(networks.vggish)[0], self.device) if networks.vggish else None
         self.clap = Clap(networks.clap, self.device) if networks.clap else None
+        self.classifier = Classifier(networks.classifier, self.device) if networks.classifier else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._row(r) for r in batch.to_pylist()]
@@ -440,13 +509,17 @@ class FeatureStage:
             if request["set"] != "train" and self.vggish is not None:
                 frames = self.vggish(wave, sr)
                 out.update(vggish=frames.reshape(-1).tolist(), vggish_frames=frames.shape[0])
+            if request["set"] != "train" and self.classifier is not None:
+                emb, logits, pred = self.classifier(wave, sr)
+                out.update(cls_embedding=emb.tolist(), cls_logits=logits.tolist(), cls_pred=json.dumps(pred))
             wants_clap = request["set"] in ("generated", "train") or bool(request.get("text"))
             if wants_clap and self.clap is not None:
                 out["clap_audio"] = self.clap.audio(wave, sr).tolist()
                 out["_text"] = request.get("text") if request["set"] != "train" else None
         except Exception as exc:
             out["error"] = f"feature extraction failed: {type(exc).__name__}: {_first_line(exc)}"
-            for key in ("pann_embedding", "pann_logits", "vggish", "vggish_frames", "clap_audio", "_text"):
+            for key in ("pann_embedding", "pann_logits", "vggish", "vggish_frames", "clap_audio", "_text",
+                        *CLS_COLUMNS):
                 out.pop(key, None)
         return out
 

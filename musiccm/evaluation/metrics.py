@@ -11,7 +11,10 @@ functions are pure math on feature dicts, so we call them and only adapt arrays 
 
 Ours (no audioldm_eval equivalent): CLAP text–audio cosine similarity, and SIM_AA@τ (MusicLDM §4,
 MusicCM Table 2): the fraction of generated clips whose best CLAP audio cosine similarity to any
-training clip exceeds τ — a plagiarism indicator.
+training clip exceeds τ — a plagiarism indicator. With a label classifier (`--classifier`, see
+`musiccm.evaluation.classifier`), the same FD/KID/IS/KL functions run on its embedding and logits:
+`frechet_distance_cls`, `kernel_inception_distance_cls_*`, `inception_score_cls_*`,
+`kullback_leibler_divergence_cls_*` (FD_cls, KID_cls, IS_cls, KL_cls).
 
 audioldm_eval prints progress lines and scipy ≥ 1.16 warns about `sqrtm(disp=False)`; both are
 silenced here (`_quiet`). scipy 1.18 removes `disp`: pin scipy < 1.18 while audioldm_eval 0.0.3 is used.
@@ -190,7 +193,8 @@ def sim_aa(best: np.ndarray, thresholds: Sequence[float] = (0.90, 0.95)) -> dict
 class Features:
     """One set's features (clips that could be read): per kind, the ids that have it and their rows.
 
-    Kinds: `pann_embedding` (N, 2048), `pann_logits` (N, 527), `clap_audio` (N, 512), `clap_text` (N, 512);
+    Kinds: `pann_embedding` (N, 2048), `pann_logits` (N, 527), `clap_audio` (N, 512), `clap_text` (N, 512),
+    `cls_embedding` (N, D) and `cls_logits` (N, K) of the label classifier;
     `vggish` holds every clip's 0.96 s frames stacked, (ΣF, 128), with `vggish_clips` clips behind them.
     """
 
@@ -211,6 +215,16 @@ NETWORK_OF = {
     "clap_text_audio_mean": "clap", "clap_text_audio_std": "clap",
     "clap_text_audio_reference_mean": "clap", "clap_text_audio_reference_std": "clap",
     "sim_aa_max_mean": "clap",
+    "frechet_distance_cls": "classifier",
+    "kernel_inception_distance_cls_mean": "classifier", "kernel_inception_distance_cls_std": "classifier",
+    "inception_score_cls_mean": "classifier", "inception_score_cls_std": "classifier",
+    "kullback_leibler_divergence_cls_softmax": "classifier", "kullback_leibler_divergence_cls_sigmoid": "classifier",
+}
+# Why the classifier metrics are absent when no classifier was given (the job passes it in `missing`).
+NO_CLASSIFIER = {
+    "reason": "no --classifier given",
+    "how_to_provide": "pass --classifier DIR: a label classifier saved by musiccm.evaluation.classifier.save "
+                      "(config.json + model.safetensors, local or s3://), e.g. the demo's outputs/demo/classifier",
 }
 
 
@@ -226,8 +240,10 @@ def corpus_metrics(
 ) -> tuple[dict[str, float | None], dict[str, dict], list[str]]:
     """Every metric that the features allow: (values, unavailable {key: {reason, how_to_provide}}, notes).
 
-    `missing` maps a network ("pann", "vggish", "clap") or "train" to why its features are absent
-    ({"reason", "how_to_provide"}); a metric that needs it is reported unavailable with that reason.
+    `missing` maps a network ("pann", "vggish", "clap", "classifier") or "train" to why its features are
+    absent ({"reason", "how_to_provide"}); a metric that needs it is reported unavailable with that reason.
+    Without any label-classifier features (`cls_embedding`, `cls_logits`) its metrics are unavailable
+    with `NO_CLASSIFIER` unless `missing` says otherwise.
     """
     missing = missing or {}
     keys = [*NETWORK_OF, *(sim_aa_key(t) for t in thresholds)]
@@ -250,30 +266,29 @@ def corpus_metrics(
             return
         values.update(zip(names, out if isinstance(out, tuple) else (out,), strict=True))
 
-    g_emb, r_emb = gen.get("pann_embedding"), ref.get("pann_embedding")
-    g_log, r_log = gen.get("pann_logits"), ref.get("pann_logits")
-
     def need(feature: tuple | None, what: str) -> tuple:
         if feature is None:
             raise MetricError(f"no {what} features (no readable clips)")
         return feature
 
-    # 1. Cnn14: FD_pann, KID, IS, KL.
-    attempt(["frechet_distance"], "pann",
-            lambda: frechet_distance(need(g_emb, "generated Cnn14")[1], need(r_emb, "reference Cnn14")[1]))
-    attempt(["kernel_inception_distance_mean", "kernel_inception_distance_std"], "pann",
-            lambda: kernel_inception_distance(need(g_emb, "generated Cnn14")[1], need(r_emb, "reference Cnn14")[1],
-                                              kid_subsets, kid_subset_size, seed))
-    attempt(["inception_score_mean", "inception_score_std"], "pann",
-            lambda: inception_score(need(g_log, "generated Cnn14")[1], is_splits, seed))
-    n_logits = len(g_log[0]) if g_log is not None else 0
-    if 0 < n_logits < 10 * is_splits and "pann" not in missing:
-        splits = min(is_splits, n_logits)
-        notes.append(f"IS over {splits} split(s) of ~{n_logits // splits} clip(s): few clips per split pull IS "
-                     "toward 1 (a one-clip split scores exactly 1); the paper's setting is 10 splits of 100")
+    def classifier_metrics(network: str, name: str, kind: str, suffix: str) -> None:
+        """FD, KID, IS and paired KL of one classifier network (Cnn14, or the label classifier with "_cls" keys)."""
+        g_emb, r_emb = gen.get(f"{kind}_embedding"), ref.get(f"{kind}_embedding")
+        g_log, r_log = gen.get(f"{kind}_logits"), ref.get(f"{kind}_logits")
+        attempt([f"frechet_distance{suffix}"], network,
+                lambda: frechet_distance(need(g_emb, f"generated {name}")[1], need(r_emb, f"reference {name}")[1]))
+        attempt([f"kernel_inception_distance{suffix}_mean", f"kernel_inception_distance{suffix}_std"], network,
+                lambda: kernel_inception_distance(need(g_emb, f"generated {name}")[1],
+                                                  need(r_emb, f"reference {name}")[1],
+                                                  kid_subsets, kid_subset_size, seed))
+        attempt([f"inception_score{suffix}_mean", f"inception_score{suffix}_std"], network,
+                lambda: inception_score(need(g_log, f"generated {name}")[1], is_splits, seed))
+        attempt([f"kullback_leibler_divergence{suffix}_softmax", f"kullback_leibler_divergence{suffix}_sigmoid"],
+                network, lambda: paired_kl(need(g_log, f"generated {name}"), need(r_log, f"reference {name}"),
+                                           "KL" + suffix))
 
-    def paired_kl() -> tuple[float, float]:
-        (g_ids, g), (r_ids, r) = need(g_log, "generated Cnn14"), need(r_log, "reference Cnn14")
+    def paired_kl(gen_logits: tuple, ref_logits: tuple, label: str) -> tuple[float, float]:
+        (g_ids, g), (r_ids, r) = gen_logits, ref_logits
         gi, ri = pair_by_id(g_ids, r_ids)
         if gi.size == 0:
             raise MetricError(
@@ -281,11 +296,23 @@ def corpus_metrics(
                 "with the reference clip of the same id (its prompt's recording). Name reference files "
                 "<id>.wav/.flac, or pass a reference Parquet with id and audio_uri columns")
         if gi.size < len(g_ids):
-            notes.append(f"KL over the {gi.size} of {len(g_ids)} generated clips whose id has a reference clip")
+            notes.append(f"{label} over the {gi.size} of {len(g_ids)} generated clips whose id has a reference clip")
         kl = kl_divergence(g[gi], r[ri])
         return kl["softmax"], kl["sigmoid"]
 
-    attempt(["kullback_leibler_divergence_softmax", "kullback_leibler_divergence_sigmoid"], "pann", paired_kl)
+    # 1. Cnn14: FD_pann, KID, IS, KL.
+    classifier_metrics("pann", "Cnn14", "pann", "")
+    g_log = gen.get("pann_logits")
+    n_logits = len(g_log[0]) if g_log is not None else 0
+    if 0 < n_logits < 10 * is_splits and "pann" not in missing:
+        splits = min(is_splits, n_logits)
+        notes.append(f"IS over {splits} split(s) of ~{n_logits // splits} clip(s): few clips per split pull IS "
+                     "toward 1 (a one-clip split scores exactly 1); the paper's setting is 10 splits of 100")
+
+    # 1b. The label classifier (--classifier): the same four metrics on its embedding and logits_head logits.
+    if not any(f.get(k) is not None for f in (gen, ref) for k in ("cls_embedding", "cls_logits")):
+        missing = {"classifier": NO_CLASSIFIER, **missing}  # no features at all: it was not given
+    classifier_metrics("classifier", "label classifier", "cls", "_cls")
 
     # 2. VGGish: FD_vgg over frames.
     def fad() -> float:

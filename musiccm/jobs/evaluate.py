@@ -5,21 +5,25 @@
 
 Steps: (1) before Ray: list the generated clips (metric shards name them and their prompts), the
 reference clips and the training clips or embeddings; find and check the feature networks' weights
-(a network without weights makes its metrics "unavailable", the others still run); probe that --out
-is writable. (2) Ray Data actors (one GPU each when the cluster has GPUs) read every clip straight
-from storage and extract Cnn14 / VGGish / CLAP features, each network loaded once per actor; only
-small feature vectors come back. (3) On the driver: the metrics (`musiccm.evaluation.metrics`), then
-`metrics.json`, `features.parquet` and the appended Markdown table (`musiccm.evaluation.report`).
+(a network without weights makes its metrics "unavailable", the others still run; a given --classifier
+must load); probe that --out is writable. (2) Ray Data actors (one GPU each when the cluster has GPUs)
+read every clip straight from storage and extract Cnn14 / VGGish / CLAP / label-classifier features,
+each network loaded once per actor; only small feature vectors come back. (3) On the driver: the
+metrics (`musiccm.evaluation.metrics`) and the classifier's attribute accuracy against the label
+columns of the metric rows (and of the reference), then `metrics.json`, `features.parquet` and the
+appended Markdown table (`musiccm.evaluation.report`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -38,6 +42,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 CAPTION_COLUMNS = ("caption", "prompt", "text")
 AUDIO_COLUMNS = ("audio_uri", "path", "uri")
 EMBEDDING_COLUMNS = ("embedding", "clap_audio", "clap_audio_embedding")
+NETWORKS = ("pann", "vggish", "clap", "classifier")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class EvalConfig:
     vggish_ckpt: str | None = None  # None: torch.hub's cache checkpoints/vggish-10086976.pth if present
     clap_model: str | None = None  # None: the generating model's own CLAP
     no_clap: bool = False
+    classifier: str | None = None  # a label classifier directory (FD_cls, KID_cls, IS_cls, KL_cls, accuracy)
     num_actors: int = 1
     batch_size: int = 4  # clips per actor call
     device: str | None = None  # None: cuda when the cluster has GPUs, else cpu
@@ -77,6 +83,8 @@ class EvalConfig:
         for name in ("generated", "reference", "out"):
             need(isinstance(getattr(self, name), str) and bool(getattr(self, name)), name,
                  "a local path or s3:// URI")
+        need(self.classifier is None or (isinstance(self.classifier, str) and bool(self.classifier.strip())),
+             "classifier", "a directory or s3:// prefix of a classifier saved by musiccm.evaluation.classifier.save")
         need(self.label is None or ("|" not in self.label and "\n" not in self.label and bool(self.label.strip())),
              "label", "a non-empty name without '|' or newlines")
         need(count(self.num_actors), "num_actors", "an integer ≥ 1")
@@ -116,6 +124,7 @@ class Inputs:
     generation: list[dict] = field(default_factory=list)  # metric rows of the generated clips
     summary: dict | None = None  # the batch run's _SUMMARY.json
     missing_audio: list[str] = field(default_factory=list)  # generated ids with a metric row but no audio
+    reference_labels: dict[str, dict] = field(default_factory=dict)  # id → label columns of the reference rows
     train_embeddings: np.ndarray | None = None  # precomputed CLAP audio embeddings (N, D)
     train_meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -139,6 +148,24 @@ def _read_parquet(uri: str) -> pa.Table:
 
 def _column(table: pa.Table, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in table.column_names), None)
+
+
+def _label_columns(table: pa.Table) -> list[str]:
+    """Columns that may hold attribute labels (scalar strings, booleans, integers): all but id/audio/caption."""
+    def scalar(t: pa.DataType) -> bool:
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t)
+                or pa.types.is_boolean(t) or pa.types.is_integer(t))
+
+    skip = {"id", *AUDIO_COLUMNS, *CAPTION_COLUMNS}
+    return [f.name for f in table.schema if scalar(f.type) and f.name not in skip]
+
+
+def _keep_labels(table: pa.Table, inputs: Inputs) -> None:
+    """Attach a reference Parquet's label columns by id (the classifier's accuracy on real audio needs them)."""
+    columns = _label_columns(table)
+    if columns and "id" in table.column_names:
+        for row in table.select(["id", *columns]).to_pylist():
+            inputs.reference_labels[str(row.pop("id"))] = row
 
 
 def _unique_ids(flag: str, uri: str, found: list[tuple[str, str]]) -> None:
@@ -184,7 +211,8 @@ def read_reference(uri: str, inputs: Inputs) -> None:
     """Reference clips: a Parquet (id, audio_uri[, caption]) or every audio file under a directory (id = stem).
 
     A directory may also hold Parquet files with id and caption/prompt columns (a batch output does:
-    its metric shards); their captions are attached by id.
+    its metric shards); their captions are attached by id. Label columns of either Parquet form
+    (e.g. instrument, mode) are kept by id for the label classifier's reference accuracy.
     """
     captions: dict[str, str] = {}
     if uri.endswith(".parquet"):
@@ -192,6 +220,7 @@ def read_reference(uri: str, inputs: Inputs) -> None:
         path_col, text_col = _column(table, AUDIO_COLUMNS), _column(table, CAPTION_COLUMNS)
         if "id" not in table.column_names or path_col is None:
             raise ValueError(f"--reference {uri}: needs an id column and one of {', '.join(AUDIO_COLUMNS)}")
+        _keep_labels(table, inputs)
         base = uri.rsplit("/", 1)[0] if "/" in uri else "."
         found = []
         for row in table.to_pylist():
@@ -206,6 +235,7 @@ def read_reference(uri: str, inputs: Inputs) -> None:
         found = [(_stem(f), f, None) for f in files]
         for pq_uri in storage.list_files(uri, suffix=".parquet"):
             table = _read_parquet(pq_uri)
+            _keep_labels(table, inputs)
             text_col = _column(table, CAPTION_COLUMNS)
             if "id" in table.column_names and text_col:
                 captions.update((str(r["id"]), r[text_col]) for r in table.select(["id", text_col]).to_pylist())
@@ -277,6 +307,16 @@ def default_clap(inputs: Inputs) -> tuple[str | None, str]:
         return None, f"the generating model {uri!r} is neither a path readable from here nor a cached hub model"
 
 
+def _classifier(given: str | None) -> tuple[str | None, dict]:
+    """(uri or None, info) of --classifier: optional, but a given one must load (else a usage error)."""
+    if given is None:
+        return None, dict(metrics.NO_CLASSIFIER)
+    try:
+        return given, feat.check_classifier(given)
+    except feat.WeightsError as exc:
+        raise ValueError(f"--classifier {given}: {str(exc).removeprefix(f'{given}: ')}") from None
+
+
 def resolve_networks(config: EvalConfig, inputs: Inputs) -> tuple[feat.Networks, dict, dict]:
     """(Networks for the actors, {network: info}, {network: unavailable reason}); bad given paths → ValueError."""
     info: dict[str, dict] = {}
@@ -301,10 +341,11 @@ def resolve_networks(config: EvalConfig, inputs: Inputs) -> tuple[feat.Networks,
                 info["clap"] = {"reason": f"the generating model's CLAP is not usable: {exc}",
                                 "how_to_provide": feat.CLAP_HOWTO}
                 clap = None
-    for name, uri in (("pann", pann), ("vggish", vggish), ("clap", clap)):
+    classifier, info["classifier"] = _classifier(config.classifier)
+    for name, uri in (("pann", pann), ("vggish", vggish), ("clap", clap), ("classifier", classifier)):
         if uri is None:
             missing[name] = info[name]
-    return feat.Networks(pann=pann, vggish=vggish, clap=clap), info, missing
+    return feat.Networks(pann=pann, vggish=vggish, clap=clap, classifier=classifier), info, missing
 
 
 # ---------------------------------------------------------------- extraction
@@ -392,7 +433,7 @@ def set_features(rows: pa.Table, name: str) -> metrics.Features:
     part = rows.filter(pc.and_(pc.equal(rows.column("set"), name),
                                        pc.is_null(rows.column("error"))))
     data = part.to_pydict()
-    for kind in ("pann_embedding", "pann_logits", "clap_audio", "clap_text"):
+    for kind in ("pann_embedding", "pann_logits", "clap_audio", "clap_text", "cls_embedding", "cls_logits"):
         have = [(i, v) for i, v in zip(data["id"], data[kind], strict=True) if v is not None]
         if have:
             out.ids[kind] = [i for i, _ in have]
@@ -424,7 +465,7 @@ def run(config: EvalConfig, use_ray: bool = True) -> dict:
         inputs.items = [i for i in inputs.items if i["set"] != "train"]
     counts = {s: sum(i["set"] == s for i in inputs.items) for s in feat.SETS}
     print(f"[evaluate] {counts['generated']} generated, {counts['reference']} reference, {counts['train']} training "
-          f"clips; networks: {', '.join(n for n in ('pann', 'vggish', 'clap') if n not in missing) or 'none'}",
+          f"clips; networks: {', '.join(n for n in NETWORKS if n not in missing) or 'none'}",
           flush=True)
     # 2. Features in parallel.
     rows = extract(inputs.items, networks, config, use_ray)
@@ -436,6 +477,7 @@ def run(config: EvalConfig, use_ray: bool = True) -> dict:
     values, unavailable, notes = metrics.corpus_metrics(
         gen, ref, train, missing=missing, thresholds=config.sim_thresholds, is_splits=config.is_splits,
         kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size, seed=config.seed)
+    attributes, attribute_notes = _attributes(rows, inputs, network_info["classifier"].get("heads"))
     counted = _counts(rows, inputs, gen)
     failed = f"failed: none of the {counts['generated']} generated clips could be read (see unreadable)"
     result = report.build(
@@ -444,7 +486,8 @@ def run(config: EvalConfig, use_ray: bool = True) -> dict:
         inputs={"generated": config.generated, "reference": config.reference, "train_reference":
                 config.train_reference, **({"train": inputs.train_meta} if inputs.train_meta else {})},
         counts=counted, generation=inputs.generation, summary=inputs.summary, values=values,
-        unavailable=unavailable, notes=inputs.notes + notes + _feature_notes(rows, gen, inputs, networks.clap),
+        unavailable=unavailable, attributes=attributes,
+        notes=inputs.notes + notes + attribute_notes + _feature_notes(rows, gen, inputs, networks.clap),
         networks=network_info, missing_audio=inputs.missing_audio,
         unreadable=[{k: r[k] for k in ("set", "id", "uri", "error")}
                     for r in rows.filter(pc.is_valid(rows.column("error"))).to_pylist()],
@@ -479,15 +522,58 @@ def _feature_notes(rows: pa.Table, gen: metrics.Features, inputs: Inputs, clap: 
                      f"(e.g. {', '.join(short[:3])})")
     if inputs.missing_audio:
         notes.append(f"{len(inputs.missing_audio)} generated id(s) have a metric row but no audio file")
-    n_gen = len(gen.ids.get("pann_embedding", []))
-    if 0 < n_gen < 2048:
-        notes.append(f"FD_pann/KID from {n_gen} generated clips: fewer than the 2048 embedding dimensions, so the "
-                     "covariance is rank-deficient and FD is biased upward; compare runs with equal clip counts")
+    for kind, name in (("pann_embedding", "FD_pann/KID"), ("cls_embedding", "FD_cls/KID_cls")):
+        n_gen, dims = gen.arrays[kind].shape if kind in gen.arrays else (0, 0)
+        if 0 < n_gen < dims:
+            notes.append(f"{name} from {n_gen} generated clips: fewer than the {dims} embedding dimensions, so the "
+                         "covariance is rank-deficient and FD is biased upward; compare runs with equal clip counts")
     made_with = inputs.train_meta.get("clap_model")
     if inputs.train_embeddings is not None and made_with != clap:
         notes.append(f"the training embeddings were made with CLAP {made_with or '(not recorded)'}, the generated "
                      f"clips are embedded with {clap}: SIM_AA is only meaningful when both are the same CLAP")
     return notes
+
+
+def attribute_accuracy(rows: pa.Table, which: str, labels: dict[str, dict],
+                       heads: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """({head: fraction of `which` clips whose predicted class equals their label}, heads with no label column).
+
+    `labels` maps id → {column: value}; a head counts when it names a column. Clips whose label is
+    null or missing, and clips without a prediction (unreadable), are skipped.
+    """
+    part = rows.filter(pc.and_(pc.equal(rows.column("set"), which), pc.is_valid(rows.column("cls_pred"))))
+    predicted = {r["id"]: json.loads(r["cls_pred"]) for r in part.select(["id", "cls_pred"]).to_pylist()}
+    columns = {column for row in labels.values() for column in row}
+    out: dict[str, float] = {}
+    for head in (h for h in heads if h in columns):
+        hits = [pred[head] == str(labels[i][head]) for i, pred in predicted.items()
+                if labels.get(i, {}).get(head) is not None]
+        if hits:
+            out[head] = float(np.mean(hits))
+    return out, [h for h in heads if h not in columns]
+
+
+def _mean(accuracy: dict[str, float]) -> float | None:
+    return float(np.mean(list(accuracy.values()))) if accuracy else None
+
+
+def _attributes(rows: pa.Table, inputs: Inputs, heads: Sequence[str] | None) -> tuple[dict, list[str]]:
+    """metrics.json's attribute accuracy keys (generated and reference) and notes on heads left out."""
+    heads = list(heads or ())
+    gen, absent = attribute_accuracy(rows, "generated", {r["id"]: r for r in inputs.generation}, heads)
+    ref, _ = attribute_accuracy(rows, "reference", inputs.reference_labels, heads)
+    notes = []
+    if absent:
+        notes.append(f"classifier head(s) {', '.join(absent)} name no label column of the generated metric rows: "
+                     "no attribute accuracy for them (the batch job carries manifest columns into its metric rows)")
+    unlabelled = [h for h in heads if h not in absent and h not in gen]
+    if unlabelled:
+        notes.append(f"no generated clip has a {'/'.join(unlabelled)} label: no attribute accuracy for it")
+    if heads and not ref:
+        notes.append("the reference set carries none of the classifier's label columns: no "
+                     "reference_attribute_accuracy (a reference Parquet with those columns adds it)")
+    return {"attribute_accuracy": gen, "attribute_accuracy_mean": _mean(gen),
+            "reference_attribute_accuracy": ref, "reference_attribute_accuracy_mean": _mean(ref)}, notes
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
