@@ -114,7 +114,8 @@ def decode(
     """Latents (B, C, T, F) → waveforms (B, num_samples): VAE then vocoder, in cross-faded chunks."""
     g = c.geometry
     latent_chunk = latent_chunk or g.window_frames
-    mel_chunk = mel_chunk or g.window_frames * g.vae_factor
+    # A vocoder may ask for its own chunk length (Griffin-Lim: long chunks, so phases agree across a minute).
+    mel_chunk = mel_chunk or getattr(c.vocoder, "chunk_frames", None) or g.window_frames * g.vae_factor
     vae_dtype = c.vae.dtype
     z = latents.to(vae_dtype) / c.vae.config.scaling_factor
 

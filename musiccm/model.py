@@ -2,9 +2,10 @@
 
 A model directory holds ``model_index.json`` and one sub-folder per component: ``unet``
 (UNet2DConditionModel), ``vae`` (AutoencoderKL), ``text_encoder`` (transformers ClapModel),
-``tokenizer`` (RobertaTokenizerFast), ``vocoder`` (SpeechT5HifiGan), ``scheduler`` (DDIMScheduler for
-a teacher, LCMScheduler for a consistency student) and optionally ``feature_extractor``
-(ClapFeatureExtractor). Weights are read with safetensors only: no pickle is ever loaded.
+``tokenizer`` (RobertaTokenizerFast), ``vocoder`` (SpeechT5HifiGan, or the weightless
+:class:`musiccm.vocoders.GriffinLimVocoder` when model_index.json names ``["musiccm", "GriffinLimVocoder"]``),
+``scheduler`` (DDIMScheduler for a teacher, LCMScheduler for a consistency student) and optionally
+``feature_extractor`` (ClapFeatureExtractor). Weights are read with safetensors only: no pickle is ever loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from musiccm import vocoders
 from musiccm.geometry import AudioGeometry
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "vocoder", "scheduler")
@@ -163,7 +165,10 @@ def load(
         vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", use_safetensors=True)
         vae_dtype = torch.float32 if vae.config.get("force_upcast", False) else dtype
         text_encoder = ClapModel.from_pretrained(directory, subfolder="text_encoder", use_safetensors=True)
-        vocoder = SpeechT5HifiGan.from_pretrained(directory, subfolder="vocoder", use_safetensors=True)
+        if vocoders.vocoder_class(index.get("vocoder")) == vocoders.CLASS_NAME:  # weightless phase reconstruction
+            vocoder = vocoders.GriffinLimVocoder.from_pretrained(directory, subfolder="vocoder")
+        else:
+            vocoder = SpeechT5HifiGan.from_pretrained(directory, subfolder="vocoder", use_safetensors=True)
         tokenizer = RobertaTokenizerFast.from_pretrained(directory, subfolder="tokenizer")
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {path_or_id!r} could not be loaded: {exc}") from None
@@ -207,6 +212,8 @@ def save(components: MusicLDMComponents, directory: str | os.PathLike, extra: di
                 continue
             index[name] = list(lib_cls)
         index["scheduler"] = ["diffusers", type(components.scheduler).__name__]
+        if isinstance(components.vocoder, vocoders.GriffinLimVocoder):
+            index["vocoder"] = ["musiccm", vocoders.CLASS_NAME]
         if components.feature_extractor is not None:
             components.feature_extractor.save_pretrained(tmp / "feature_extractor")
         musiccm_extra = {**components.extra, **(extra or {})}

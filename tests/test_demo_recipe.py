@@ -24,7 +24,7 @@ def work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("demo")
     cmd = [sys.executable, "recipes/demo/train.py", "--work", str(work), "--train-clips", "24", "--heldout-clips",
            "4", "--vae-steps", "3", "--vocoder-steps", "3", "--clap-steps", "3", "--teacher-steps", "3",
-           "--classifier-steps", "3", "--threads", "1"]
+           "--classifier-steps", "3", "--threads", "1", "--vocoder", "hifigan"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work

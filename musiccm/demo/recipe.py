@@ -19,6 +19,7 @@ import torch
 from musiccm import model, synthetic
 from musiccm.demo import architecture
 from musiccm.demo.data import DemoData, load
+from musiccm.vocoders import GriffinLimVocoder
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = architecture.WINDOW_LATENT_FRAMES * 4 * 160 / architecture.SAMPLE_RATE  # 2.56
@@ -34,6 +35,10 @@ class RecipeConfig:
     data_seed: int = 0
     heldout_seed: int = 1
     vae_steps: int = 1500
+    # "griffinlim": the weightless phase-reconstruction vocoder (musiccm/vocoders.py); "hifigan": train a small
+    # SpeechT5HifiGan for vocoder_steps. At this budget Griffin-Lim reconstructs the mels far better
+    # (benchmarks/vocoder_probe.py), so the demo ships it.
+    vocoder: str = "griffinlim"
     vocoder_steps: int = 2500
     clap_steps: int = 1200
     teacher_steps: int = 5000
@@ -43,6 +48,10 @@ class RecipeConfig:
     @property
     def root(self) -> Path:
         return Path(self.work)
+
+    def __post_init__(self) -> None:
+        if self.vocoder not in ("griffinlim", "hifigan"):
+            raise ValueError(f"vocoder must be 'griffinlim' or 'hifigan', got {self.vocoder!r}")
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -81,7 +90,7 @@ def _done(path: Path) -> bool:
 
 
 def stage_parts(cfg: RecipeConfig, data: DemoData) -> None:
-    """Tokenizer, VAE, vocoder and CLAP, each saved with its library's ``save_pretrained``."""
+    """Tokenizer, VAE, (HiFi-GAN) vocoder and CLAP, each saved with its library's ``save_pretrained``."""
     from musiccm.demo.train_autoencoders import train_vae, train_vocoder
     from musiccm.demo.train_clap import train_clap
 
@@ -90,7 +99,7 @@ def stage_parts(cfg: RecipeConfig, data: DemoData) -> None:
         architecture.train_tokenizer(data.captions, parts / "tokenizer")
     if not _done(parts / "vae"):
         train_vae(data, cfg.vae_steps, seed=cfg.seed).save_pretrained(parts / "vae", safe_serialization=True)
-    if not _done(parts / "vocoder"):
+    if cfg.vocoder == "hifigan" and not _done(parts / "vocoder"):
         train_vocoder(data, cfg.vocoder_steps, seed=cfg.seed).save_pretrained(parts / "vocoder",
                                                                              safe_serialization=True)
     if not _done(parts / "text_encoder"):
@@ -108,12 +117,14 @@ def frozen_parts(cfg: RecipeConfig, unet=None) -> model.MusicLDMComponents:
     from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizerFast, SpeechT5HifiGan
 
     parts = cfg.path("parts")
+    vocoder = (SpeechT5HifiGan.from_pretrained(parts / "vocoder").eval() if cfg.vocoder == "hifigan"
+               else GriffinLimVocoder())
     return model.MusicLDMComponents(
         unet=unet if unet is not None else UNet2DConditionModel(**architecture.unet_config()).eval(),
         vae=AutoencoderKL.from_pretrained(parts / "vae").eval(),
         text_encoder=ClapModel.from_pretrained(parts / "text_encoder").eval(),
         tokenizer=RobertaTokenizerFast.from_pretrained(parts / "tokenizer"),
-        vocoder=SpeechT5HifiGan.from_pretrained(parts / "vocoder").eval(),
+        vocoder=vocoder,
         scheduler=architecture.scheduler(),
         feature_extractor=ClapFeatureExtractor.from_pretrained(parts / "feature_extractor"),
         name="musiccm-demo-teacher",

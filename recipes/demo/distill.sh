@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Distil the demo teacher into the demo student with the real job (ray_jobs/distill.py, Ray Train on a local
+# Ray instance), then the "w/o L_adv" ablation. Extra arguments go to both runs (e.g. --use-gpu --num-workers 2).
+# Rerunning resumes each run from its latest checkpoint (same --name and --storage).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WORK=${WORK:-outputs/demo}
+STEPS=${STEPS:-1200}
+# Ray gives a 1-CPU worker OMP_NUM_THREADS=1 unless the environment sets it: use both cores for the worker.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+common=(
+  --teacher "$WORK/teacher" --train-manifest "$WORK/data/train/manifest.parquet" --storage "$WORK/runs"
+  --max-steps "$STEPS" --batch-size 16 --lr 5e-5 --warmup-steps 50 --w 2.0
+  --feature-network clap --disc-layers 1 3
+  --checkpoint-every 200 --validate-every 400 --validation-steps 1 2 4
+  --validation-prompts "a slow sad piano piece without drums" "fast trumpet melody with a rock drum beat"
+  "a lively synth lead with a four-on-the-floor dance beat" "a calm flute tune in a major key with no percussion"
+)
+.venv/bin/python ray_jobs/distill.py --name demo-student --output "$WORK/student" "${common[@]}" "$@"
+.venv/bin/python ray_jobs/distill.py --name demo-student-noadv --output "$WORK/student-noadv" --adv-weight 0 \
+  "${common[@]}" "$@"
