@@ -17,21 +17,16 @@ concatenation (the same instants for the fused clip) we measure:
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from report import header, publish
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -124,16 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, rs in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(r[k] for r in rs):.3f}" for k in keys) + " |")
-    command = " ".join(["python benchmarks/longform_continuity.py", *(argv if argv is not None else sys.argv[1:])])
-    text = (f"\n### Long-form continuity: {args.duration:g} s by crop fusion vs independent {native:g} s windows\n\n"
-            f"Command: `{command}`  \nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"CPU, torch threads {torch.get_num_threads()}; date {datetime.date.today()}; model {args.model}, "
-            f"{args.steps} steps, {len(rows)} prompts; means over prompts. A {args.duration:g} s clip took "
-            f"{statistics.median(fused_s):.1f} s (median) with crop fusion.\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(text)
+    text = (header(f"Long-form continuity: {args.duration:g} s by crop fusion vs independent {native:g} s windows",
+                   "longform_continuity.py", argv)
+            + f"Model {args.model}, {args.steps} steps, {len(rows)} prompts; means over prompts. A {args.duration:g} s "
+            f"clip took {statistics.median(fused_s):.1f} s (median) with crop fusion.\n\n" + "\n".join(lines) + "\n")
+    publish(text, args.write)
     return 0
 
 

@@ -14,10 +14,8 @@ one clip at batch size 1 in this process (median of ``--latency-runs``), as the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from report import header, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 # (label, which model, steps, guidance_scale or None, row name); guidance 3.0 = the w=2 the student was distilled
@@ -164,17 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         rows[label] = {**metrics, "steps": steps, "name": name}
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     reference = next(iter(rows.values()), {}).get("reference_attribute_accuracy")
-    command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    text = (f"\n### Demo quality (Table 1 layout): teacher vs distilled student\n\n"
-            f"Command: `{command}`  \n"
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU; "
-            f"date {datetime.date.today()}; {pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s "
-            f"clips\n\n{table(rows)}\nClassifier accuracy on the real reference clips: "
+    text = (header("Demo quality (Table 1 layout): teacher vs distilled student", "quality.py", argv)
+            + f"{pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s clips; latency: one clip at "
+            f"batch size 1 in this process\n\n{table(rows)}\nClassifier accuracy on the real reference clips: "
             f"{json.dumps(reference)}\n")
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(text)
+    publish(text, args.write)
     return 0
 
 

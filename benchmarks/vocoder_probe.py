@@ -10,9 +10,6 @@ which is what generation does. Seconds per clip are wall time on this machine.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,8 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import soundfile as sf
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from report import header, publish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,14 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             through = voc(via_vae)[:, : mel.shape[1] * 160]
             err = [float((fit_frames(log_mel(y), mel.shape[1]) - mel).abs().mean()) for y in (direct, through)]
             lines.append(f"| {name} | {err[0]:.3f} | {err[1]:.3f} | {seconds:.3f} |")
-    command = " ".join(["python benchmarks/vocoder_probe.py", *(argv if argv is not None else sys.argv[1:])])
-    text = (f"\n### Demo vocoder probe ({len(rows)} held-out clips)\n\nCommand: `{command}`  \n"
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU, torch threads "
-            f"{torch.get_num_threads()}; date {datetime.date.today()}\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if args.write:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(text)
+    text = (header(f"Demo vocoder probe ({len(rows)} held-out clips)", "vocoder_probe.py", argv) + "\n"
+            + "\n".join(lines) + "\n")
+    publish(text, args.write)
     return 0
 
 

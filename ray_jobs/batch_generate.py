@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     a("--run-name", default=None, help="name of the run (default <manifest stem>-<model name>)")
     a("--model", default=DEFAULT_MODEL, help="MusicLDM-layout directory, s3:// prefix (fetched once per actor) "
       "or hub id; a distilled student (LCMScheduler) or a MusicLDM teacher (DDIM + classifier-free guidance); "
-      "default: the bundled UNTRAINED tiny student (it makes noise)")
+      "default: the bundled demo student (recipes/demo: synthetic soundfont music, 2.56 s native window)")
     a("--num-actors", type=int, default=1, help="model replicas; one GPU each when the cluster has GPUs (default 1)")
     a("--batch-size", type=int, default=8, help="clips per generate() call up to --long-threshold-s (default 8)")
     a("--long-batch-size", type=int, default=1, help="clips per call above --long-threshold-s (default 1)")

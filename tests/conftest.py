@@ -48,3 +48,15 @@ def tiny_student_dir(tiny_teacher, tmp_path_factory):
     from musiccm.student import as_student
 
     return model.save(as_student(tiny_teacher), tmp_path_factory.mktemp("models") / "tiny-student")
+
+
+@pytest.fixture(scope="session")
+def untrained_student_dir(tmp_path_factory):
+    """A tiny consistency student with random weights that says so (model_index.json: trained false)."""
+    from musiccm import model
+    from musiccm.build import build_components
+    from musiccm.student import as_student
+
+    info = {"name": "musiccm-untrained-tiny", "trained": False, "note": "random weights; makes noise"}
+    return model.save(as_student(build_components("tiny", seed=0)), tmp_path_factory.mktemp("models") / "untrained",
+                      extra=info)

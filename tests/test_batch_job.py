@@ -46,7 +46,14 @@ from musiccm.testing.seaweed import SeaweedFS, free_ports
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "ray_jobs" / "batch_generate.py")
 SR = 16_000
-NATIVE_S = 1.28  # the bundled tiny model's native window
+NATIVE_S = 1.28  # the tiny test model's native window
+
+
+def default_native_s() -> float:
+    """Native window of the bundled default model, from its configs."""
+    from musiccm import model
+
+    return model.load(DEFAULT_MODEL).geometry.native_duration
 MODEL_URI = "s3://data/models/tiny"
 
 
@@ -54,15 +61,18 @@ MODEL_URI = "s3://data/models/tiny"
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[SeaweedFS]:
-    """SeaweedFS with buckets `data` (manifests, the model) and `gen` (outputs); AWS env set for the module."""
+def s3(untrained_student_dir: str) -> Iterator[SeaweedFS]:
+    """SeaweedFS with buckets `data` (manifests, the model) and `gen` (outputs); AWS env set for the module.
+
+    The model on S3 is a tiny untrained student (fast, and it must make the job warn that it is untrained).
+    """
     with SeaweedFS() as server:
         server.make_bucket("data")
         server.make_bucket("gen")
         saved = {k: os.environ.get(k) for k in server.env}
         os.environ.update(server.env)
         try:
-            storage.upload_dir(DEFAULT_MODEL, MODEL_URI)
+            storage.upload_dir(untrained_student_dir, MODEL_URI)
             yield server
         finally:
             for k, v in saved.items():
@@ -455,7 +465,8 @@ def test_default_steps_above_a_students_limit_fail_fast(tmp_path: Path, capsys: 
     out = tmp_path / "out"
     code, err = run_main(["--manifest", manifest_uri, "--output", str(out), "--default-steps", "20"], capsys)
     assert code == 2, err
-    assert ("model musiccm-untrained-tiny: --default-steps 20 is invalid for a distilled consistency student; "
+    name = inspect_model(DEFAULT_MODEL)["name"]
+    assert (f"model {name}: --default-steps 20 is invalid for a distilled consistency student; "
             "allowed: 1..8 (default 4)") in err and err.count("\n") == 1, err
     assert not ray.is_initialized() and not (out / "_RUN.json").exists()  # no actor, no claim on the output
 
@@ -491,7 +502,8 @@ def test_generator_stage_writes_clips_and_metric_rows(s3: SeaweedFS, tmp_path: P
     ).drop_columns(["reason"])
     out_rows = {r["id"]: r for r in stage(rows).to_pylist()}
     assert out_rows["tiny"]["error"].startswith("generation failed: ValueError: duration must be > 0 s")
-    for clip_id, fmt, n in (("a", "flac", 32000), ("b", "flac", 32000), ("c", "wav", round(NATIVE_S * SR))):
+    native = default_native_s()
+    for clip_id, fmt, n in (("a", "flac", 32000), ("b", "flac", 32000), ("c", "wav", round(native * SR))):
         row = out_rows[clip_id]
         data = Path(out, "audio", f"{clip_id}.{fmt}").read_bytes()
         assert row["error"] is None and row["num_samples"] == n and len(sf.read(io.BytesIO(data))[0]) == n
@@ -499,7 +511,7 @@ def test_generator_stage_writes_clips_and_metric_rows(s3: SeaweedFS, tmp_path: P
         assert row["clap_score"] is not None and row["model_hash"] == inspect_model(DEFAULT_MODEL)["hash"]
     assert [out_rows[i]["prompt_truncated"] for i in "abc"] == [False, True, False]
     assert out_rows["a"]["batch_clips"] == 2 and out_rows["c"]["batch_clips"] == 1
-    assert out_rows["c"]["duration_s"] == pytest.approx(NATIVE_S) and out_rows["b"]["genre"] == "g2"
+    assert out_rows["c"]["duration_s"] == pytest.approx(native) and out_rows["b"]["genre"] == "g2"
     assert not Path(out, "audio", "tiny.flac").exists()
     # Same rows, same seeds: a retried batch rewrites identical bytes at the same keys.
     again = {r["id"]: r for r in stage(rows.slice(0, 2)).to_pylist()}

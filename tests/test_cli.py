@@ -33,12 +33,19 @@ def test_generate_writes_tagged_exact_length_file(tiny_student_dir, tmp_path, fm
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
 
 
-def test_default_model_runs_offline_and_says_it_is_untrained(tmp_path):
+def test_default_model_runs_offline_and_is_the_trained_demo_student(tmp_path):
     out = tmp_path / "d.flac"
-    r = run_cli("generate", "--prompt", "jazz", "--duration", "1", "--out", str(out))
+    r = run_cli("generate", "--prompt", "a slow piano piece", "--duration", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in json.loads(r.stdout)
+    assert sf.info(out).frames == 16000
+
+
+def test_an_untrained_model_says_so(tmp_path, untrained_student_dir):
+    out = tmp_path / "u.flac"
+    r = run_cli("generate", "--model", untrained_student_dir, "--prompt", "jazz", "--duration", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "untrained" in json.loads(r.stdout)["warning"]
-    assert sf.info(out).frames == 16000
 
 
 @pytest.mark.parametrize(

@@ -34,12 +34,16 @@ def encode_latents(vae, mels: torch.Tensor, batch: int = 64) -> torch.Tensor:
 def train_teacher(latents: torch.Tensor, text_emb: torch.Tensor, audio_emb: torch.Tensor | None,
                   uncond: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, batch: int = 16,
                   lr: float = 3e-4, uncond_p: float = 0.1, audio_condition_p: float = 0.25, ema_rate: float = 0.999,
-                  seed: int = 0):
-    """A fresh UNet trained on (latents (N, 8, 64, 16), condition embeddings (N, 512)); returns its EMA copy."""
+                  seed: int = 0, init=None):
+    """A UNet trained on (latents (N, 8, 64, 16), condition embeddings (N, 512)); returns its EMA copy.
+
+    ``init``: a UNet to continue from (e.g. a saved teacher, to train it longer); default a fresh one.
+    """
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**architecture.unet_config()).train()
+    unet = (copy.deepcopy(init) if init is not None else UNet2DConditionModel(**architecture.unet_config()))
+    unet = unet.train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps, warmup=0.02, floor=0.1)

@@ -18,8 +18,8 @@ FAIL_HOOK_ENV = "MUSICCM_DISTILL_FAIL_AT"  # test hook "RANK:STEP", see musiccm.
 
 HELP: dict[str, str] = {
     "teacher": "teacher model: MusicLDM-layout directory, s3:// prefix (downloaded once per node) or hub id, e.g. "
-    "ucsd-reach/musicldm (default: the bundled UNTRAINED tiny model, for smoke runs only). On a multi-node "
-    "cluster use an s3:// prefix or a hub id: a local path must exist on every node",
+    "ucsd-reach/musicldm (default: the bundled demo student, itself a consistency model: for smoke runs only). "
+    "On a multi-node cluster use an s3:// prefix or a hub id: a local path must exist on every node",
     "train_manifest": "training manifest: Parquet file or directory (local or s3://) with a `uri` column (local "
     "path or s3:// uri of an audio file) and/or an `audio` column (encoded audio bytes), optional `caption` "
     "(missing/empty: the clip's own CLAP audio embedding is the condition)",
