@@ -24,7 +24,7 @@ def work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("demo")
     cmd = [sys.executable, "recipes/demo/train.py", "--work", str(work), "--train-clips", "24", "--heldout-clips",
            "4", "--vae-steps", "3", "--vocoder-steps", "3", "--clap-steps", "3", "--teacher-steps", "3",
-           "--classifier-steps", "3", "--threads", "1", "--vocoder", "hifigan"]
+           "--classifier-steps", "3", "--teacher-more-steps", "2", "--threads", "1", "--vocoder", "hifigan"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work
@@ -41,6 +41,7 @@ def test_stages_write_a_musicldm_layout_teacher(work):
     out = MusicCM(teacher, GenerationConfig(steps=2)).generate(["slow piano without drums"], 3.0, [0])
     assert out.waveforms.shape == (1, 48000) and np.isfinite(out.waveforms).all()
     assert json.loads((work / "teacher_recipe.json").read_text())["teacher_steps"] == 3
+    assert [p["steps"] for p in teacher.extra["phases"]] == [3, 2]  # trained, then continued once
 
 
 def test_data_and_classifier_outputs(work):
