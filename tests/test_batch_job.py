@@ -317,46 +317,70 @@ def test_driver_killed_part_way_then_rerun_finishes_each_id_once(s3: SeaweedFS, 
 # ---------------------------------------------------------------- ray job submit against a head node
 
 
-@pytest.fixture
-def ray_head(s3: SeaweedFS) -> Iterator[str]:
-    """`ray start --head --block` on free ports in its own temp dir; yields the dashboard (job API) address."""
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+def _start_ray_head(temp_dir: str, env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
+    """One `ray start --head --block` on fresh free ports; returns (process, job API address, failure or "")."""
     ports = free_ports(10)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
-           f"--temp-dir={temp_dir}", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+           "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={ports[2]}",
            f"--node-manager-port={ports[3]}", f"--object-manager-port={ports[4]}",
            f"--metrics-export-port={ports[5]}", f"--dashboard-agent-listen-port={ports[6]}",
            f"--dashboard-agent-grpc-port={ports[7]}", f"--runtime-env-agent-port={ports[8]}",
            f"--min-worker-port={ports[9] % 20000 + 30000}", f"--max-worker-port={ports[9] % 20000 + 30200}",
            "--object-store-memory=300000000", "--node-ip-address=127.0.0.1"]
-    log = open(Path(temp_dir) / "head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = Path(temp_dir) / "head.log"
+    with open(log_path, "ab") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports[1]}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except OSError:
-                assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-4000:]
-                assert time.monotonic() < deadline, "ray head did not come up in 120 s"
-                time.sleep(0.5)
-        yield address
-    finally:
-        kill_tree(head.pid)
+    deadline = time.monotonic() + 180
+    while True:
         try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in psutil.process_iter(["pid", "cmdline"]):  # stragglers that left the process group
-            if temp_dir in " ".join(p.info["cmdline"] or []):
-                kill_tree(p.pid)
-        log.close()
+            urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+            return head, address, ""
+        except OSError:
+            if head.poll() is not None:
+                return head, address, f"ray head exited ({head.returncode}):\n{log_path.read_text()[-4000:]}"
+            if time.monotonic() > deadline:
+                return head, address, f"ray head's job API did not answer in 180 s:\n{log_path.read_text()[-4000:]}"
+            time.sleep(0.5)
+
+
+def _stop_ray_head(head: subprocess.Popen, temp_dir: str) -> None:
+    kill_tree(head.pid)
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in psutil.process_iter(["pid", "cmdline"]):  # stragglers that left the process group
+        if temp_dir in " ".join(p.info["cmdline"] or []):
+            kill_tree(p.pid)
+
+
+@pytest.fixture
+def ray_head(s3: SeaweedFS) -> Iterator[str]:
+    """`ray start --head --block` on free ports in its own temp dir; yields the dashboard (job API) address.
+
+    A second attempt on fresh ports covers a port taken between choosing it and Ray binding it; a head that
+    fails twice fails the test with its log.
+    """
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    failures = []
+    try:
+        for _ in range(2):
+            head, address, failure = _start_ray_head(temp_dir, env)
+            if not failure:
+                break
+            failures.append(failure)
+            _stop_ray_head(head, temp_dir)
+        else:
+            pytest.fail("\n---\n".join(failures))
+        try:
+            yield address
+        finally:
+            _stop_ray_head(head, temp_dir)
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

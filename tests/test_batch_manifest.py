@@ -362,7 +362,7 @@ def test_resources_leave_cpu_headroom_and_pin_one_gpu_per_actor() -> None:
 def test_examples_manifest_is_valid_and_has_short_and_long_clips() -> None:
     path = Path(__file__).resolve().parents[1] / "examples" / "prompts.parquet"
     table = pq.read_table(path)
-    assert manifest.check_schema(table.schema, str(path)).names == ["genre"]
+    assert manifest.check_schema(table.schema, str(path)).names == ["instrument", "tempo", "mode", "drums"]
     valid, errors = manifest.split(manifest.check_batch(table, max_duration=MAX))
     assert errors.num_rows == 0 and valid.num_rows >= 14
     durations = [d for d in valid.column("duration_s").to_pylist() if d is not None]

@@ -1,6 +1,7 @@
 """Install a distilled demo student as the package's embedded default model (musiccm/assets/default).
 
-    python recipes/demo/install.py --student outputs/demo/student --card recipes/demo/MODEL_CARD.md
+    python recipes/demo/install.py --student outputs/demo/student --card recipes/demo/MODEL_CARD.md \
+        --classifier outputs/demo/classifier
 
 Copies the MusicLDM-layout directory, stores the UNet's weights in float16 (loaded back as float32 by
 ``musiccm.model.load``; halves the largest file so the directory stays under ~30 MB), names the model in
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "musiccm" / "assets" / "default"
+CLASSIFIER_TARGET = ROOT / "musiccm" / "assets" / "demo_classifier"
 LIMIT_MB = 30.0
 
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--card", required=True, help="model card (Markdown) to ship as README.md beside the weights")
     p.add_argument("--name", default="musiccm-demo-v1", help="model name in model_index.json (default %(default)s)")
     p.add_argument("--target", default=str(TARGET), help="where to install (default: the package's default model)")
+    p.add_argument("--classifier", default=None,
+                   help="also install this label classifier (recipe stage 'classifier') as "
+                        "musiccm/assets/demo_classifier: the evaluation feature network for the demo world")
     args = p.parse_args(argv)
     from musiccm import model
     from musiccm.pipeline import GenerationConfig, MusicCM
@@ -69,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(target)
         shutil.copytree(staged, target)
     print(f"installed {args.name} ({mb:.1f} MB) at {target}")
+    if args.classifier:
+        from musiccm.evaluation import classifier
+
+        classifier.load(args.classifier)  # refuses anything that is not a saved LabelClassifier
+        if CLASSIFIER_TARGET.exists():
+            shutil.rmtree(CLASSIFIER_TARGET)
+        shutil.copytree(args.classifier, CLASSIFIER_TARGET)
+        print(f"installed the label classifier at {CLASSIFIER_TARGET}")
     return 0
 
 
