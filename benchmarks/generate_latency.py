@@ -8,13 +8,12 @@ Weights are random, so the figures are about speed and memory, not quality.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import resource
 import sys
 import time
 
 import torch
+from report import header, publish
 
 from musiccm.build import build_components
 from musiccm.pipeline import GenerationConfig, MusicCM
@@ -68,18 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             sec, mem = time_one(gen, duration, steps, args.device, args.repeats if duration <= 60 else 1)
             rows.append(f"| {label} | {steps} | {duration:g} | {sec:.3f} | {duration / sec:.1f}x | {mem:.0f} |")
             print(rows[-1], flush=True)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    header = (
-        f"\n### Generation latency, full-size MusicLDM architecture (random weights)\n\n"
-        f"Command: `python {' '.join(sys.argv)}`  \nMachine: {dev}, torch {torch.__version__}, "
-        f"dtype {args.dtype}, crop_batch_size {args.crop_batch_size}  \nDate: {datetime.date.today()}\n\n"
-        "| model | steps | clip s | seconds per clip | x real time | peak MB |\n|---|---|---|---|---|---|\n"
-    )
-    table = header + "\n".join(rows) + "\n"
-    print(table)
-    if args.write:
-        with open("benchmarks/RESULTS.md", "a") as f:
-            f.write(table)
+    text = (header("Generation latency, full-size MusicLDM architecture (random weights)", "generate_latency.py", argv)
+            + f"dtype {args.dtype}, crop_batch_size {args.crop_batch_size}\n\n"
+            "| model | steps | clip s | seconds per clip | x real time | peak MB |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+    publish(text, args.write)
     return 0
 
 

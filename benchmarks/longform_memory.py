@@ -9,13 +9,12 @@ the VAE and vocoder decode in cross-faded chunks, so growth should be roughly th
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import resource
 import sys
 import time
 
 import torch
+from report import header, publish
 
 from musiccm.build import build_components
 from musiccm.pipeline import GenerationConfig, MusicCM
@@ -48,17 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     peak = peak_mib(args.device)
     assert out.waveforms.shape[1] == round(args.duration * 16000)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     row = (f"| {args.duration:g} | {args.steps} | {args.crop_batch_size} | {seconds:.1f} | {base:.0f} | {peak:.0f} | "
            f"{peak - base:.0f} |")
-    text = (f"\n### Long-form memory, full-size MusicLDM student (random weights), {dev}\n\n"
-            f"Command: `python {' '.join(sys.argv)}`  \nDate: {datetime.date.today()}, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}\n\n| clip s | steps | crop batch | seconds "
-            f"| peak MiB after load+warm-up | peak MiB | growth MiB |\n|---|---|---|---|---|---|---|\n{row}\n")
-    print(text)
-    if args.write:
-        with open("benchmarks/RESULTS.md", "a") as f:
-            f.write(text)
+    text = (header("Long-form memory, full-size MusicLDM student (random weights)", "longform_memory.py", argv)
+            + "\n| clip s | steps | crop batch | seconds | peak MiB after load+warm-up | peak MiB | growth MiB |\n"
+            f"|---|---|---|---|---|---|---|\n{row}\n")
+    publish(text, args.write)
     return 0
 
 
