@@ -31,6 +31,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance in the diffusers convention g (LCM w = g-1); teacher default "
                    "2.0; used by students with a guidance embedding (default 3.0), ignored by others")
+    p.add_argument("--max-timestep", type=int, default=None,
+                   help="students: highest sampling timestep, 0..999 (default: the model's own setting in "
+                   "model_index.json, else LCM's 999; the bundled demo student uses 759)")
     p.add_argument("--out", required=True, help="output file, .flac or .wav (16-bit PCM), written atomically")
     p.add_argument("--hop-frames", type=int, default=None,
                    help="crop-fusion hop in latent frames (default 3/4 of the native window)")
@@ -62,6 +65,7 @@ def generate(args: argparse.Namespace) -> int:
         hop_frames=args.hop_frames,
         crop_batch_size=args.crop_batch_size,
         max_duration=args.max_duration,
+        max_timestep=args.max_timestep,
     )
     gen = MusicCM(components, config)
     duration = args.duration if args.duration is not None else components.geometry.native_duration

@@ -27,6 +27,9 @@ class GenerationConfig:
     crop_batch_size: int = 8  # windows denoised per UNet call on long canvases
     taper: int = 0  # fusion weights: 0 = plain least-squares average; n = linear ramp of n frames
     max_duration: float = 600.0  # seconds; longer requests are rejected
+    # Consistency students: highest sampling timestep (see schedule.lcm_timesteps). None = the model's own
+    # default (model_index.json "musiccm": {"max_timestep": …}), else LCM's 999.
+    max_timestep: int | None = None
 
 
 @dataclass
@@ -68,7 +71,16 @@ class MusicCM:
             raise ValueError(f"taper must be in 0..{window // 2}, got {config.taper}")
         if not (math.isfinite(config.max_duration) and config.max_duration > 0):
             raise ValueError(f"max_duration must be a positive number, got {config.max_duration!r}")
-        return replace(config, steps=steps, guidance_scale=float(guidance), hop_frames=hop)
+        max_t = config.max_timestep if config.max_timestep is not None else self.c.extra.get("max_timestep")
+        if self.c.is_consistency:
+            n_train = self.c.scheduler.config.num_train_timesteps
+            original = self.c.scheduler.config.get("original_inference_steps", 50)
+            if max_t is not None and not (isinstance(max_t, int) and 0 <= max_t < n_train):
+                raise ValueError(f"max_timestep must be an integer in 0..{n_train - 1}, got {max_t!r}")
+            lcm_timesteps(steps, n_train, original, max_t)  # raises if steps do not fit below max_timestep
+        elif config.max_timestep is not None:
+            raise ValueError("max_timestep applies to consistency students only; this model samples with DDIM")
+        return replace(config, steps=steps, guidance_scale=float(guidance), hop_frames=hop, max_timestep=max_t)
 
     def check_duration(self, duration: float, max_duration: float | None = None) -> float:
         """Validate a requested duration in seconds; return it as a float."""
@@ -121,7 +133,7 @@ class MusicCM:
         ac = self.c.scheduler.alphas_cumprod
         if self.c.is_consistency:
             original = self.c.scheduler.config.get("original_inference_steps", 50)
-            ts = lcm_timesteps(cfg.steps, self.c.scheduler.config.num_train_timesteps, original)
+            ts = lcm_timesteps(cfg.steps, self.c.scheduler.config.num_train_timesteps, original, cfg.max_timestep)
             latents = sample_consistency(denoise, x_T, cond.to(device), ts, ac, generators)
         else:
             self.c.scheduler.set_timesteps(cfg.steps)

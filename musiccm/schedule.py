@@ -84,12 +84,24 @@ def solver_grid(num_train_timesteps: int = 1000, original_steps: int = 50) -> li
 
 
 def lcm_timesteps(
-    num_steps: int, num_train_timesteps: int = 1000, original_steps: int = 50
+    num_steps: int, num_train_timesteps: int = 1000, original_steps: int = 50, max_timestep: int | None = None
 ) -> list[int]:
-    """LCMScheduler's inference timesteps: 1 → [999]; 4 → [999, 759, 499, 259] (DESIGN.md §3)."""
-    if not 1 <= num_steps <= original_steps:
-        raise ValueError(f"consistency steps must be in 1..{original_steps}, got {num_steps}")
+    """LCMScheduler's inference timesteps: 1 → [999]; 4 → [999, 759, 499, 259] (DESIGN.md §3).
+
+    ``max_timestep`` keeps only the grid points ≤ it and spaces the steps over those by the same rule
+    (4 steps, 759 → [759, 579, 379, 199]): the first step then starts below T from pure noise, as
+    diffusers' "leading" DDIM spacing does (MusicLDM's 4-step DDIM starts at t = 751). Meant for students
+    whose x0 at t = T is still poor: with MusicLDM's betas, sqrt(ᾱ_999) = 0.012, so an ε-parameterised x0
+    there magnifies any ε error 84-fold.
+    """
     grid = solver_grid(num_train_timesteps, original_steps)[::-1]
+    if max_timestep is not None:
+        grid = [t for t in grid if t <= max_timestep]
+        if not grid:
+            raise ValueError(f"max_timestep {max_timestep} is below the grid's first timestep "
+                             f"{solver_grid(num_train_timesteps, original_steps)[0]}")
+    if not 1 <= num_steps <= len(grid):
+        raise ValueError(f"consistency steps must be in 1..{len(grid)}, got {num_steps}")
     indices = [math.floor(i * len(grid) / num_steps) for i in range(num_steps)]
     return [grid[i] for i in indices]
 

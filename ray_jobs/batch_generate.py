@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
       "distilled student (default 4), 1-1000 for a DDIM teacher (default 50, with classifier-free guidance "
       "guidance_scale, default 2.0); for a hub-id model the default is the model's own, chosen once loaded")
     a("--default-format", choices=["flac", "wav"], default="flac", help="audio format for rows without `format`")
+    a("--max-timestep", type=int, default=None, help="distilled students: highest sampling timestep, 0..999 "
+      "(default: the model's own setting in model_index.json, else LCM's 999; the bundled demo student uses 759)")
     a("--metrics-rows-per-shard", type=int, default=1000, help="metric rows per Parquet shard (default 1000)")
     a("--metrics-flush-s", type=float, default=60.0, help="also write a metric shard at least this often, so an "
       "interrupted driver loses little (default 60)")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest=args.manifest, output=output, run_name=run_name, model=args.model, num_actors=args.num_actors,
             batch_size=args.batch_size, long_batch_size=args.long_batch_size, long_threshold_s=args.long_threshold_s,
             crop_batch_size=args.crop_batch_size, hop_frames=args.hop_frames, max_duration=args.max_duration,
-            default_steps=args.default_steps, default_format=args.default_format,
+            default_steps=args.default_steps, default_format=args.default_format, max_timestep=args.max_timestep,
             metrics_rows_per_shard=args.metrics_rows_per_shard, metrics_flush_s=args.metrics_flush_s,
             strict=args.strict, device=args.device, dtype=args.dtype, local_files_only=args.local_files_only,
             clap_score=not args.no_clap_score, verify_audio=args.verify_audio, cpus_per_actor=args.cpus_per_actor,

@@ -105,6 +105,8 @@ def test_one_window_pipeline_equals_plain_sampler_bit_for_bit(student):
         (dict(config=GenerationConfig(crop_batch_size=0)), "crop_batch_size"),
         (dict(config=GenerationConfig(hop_frames=999)), "hop_frames"),
         (dict(config=GenerationConfig(guidance_scale=0.5)), "guidance_scale"),
+        (dict(config=GenerationConfig(max_timestep=1000)), "max_timestep"),
+        (dict(config=GenerationConfig(max_timestep=30, steps=4)), "steps must be in 1..1"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(student, kwargs, match):
@@ -126,3 +128,26 @@ def test_over_long_prompt_is_truncated_and_flagged(student):
     long_prompt = "piano " * 200
     _, flags = external.encode_text(student.c, [long_prompt, "jazz"])
     assert flags == [True, False]
+
+
+def test_max_timestep_from_the_call_or_the_model(tiny_student_dir, teacher):
+    """A lower first timestep is exactly the consistency sampler started there; the model's default applies."""
+    c = model.load(tiny_student_dir)
+    g = c.geometry
+    cond, _ = external.encode_text(c, ["dreamy synth pad"])
+    gens = [torch.Generator().manual_seed(9)]
+    x_T = randn(g.latent_shape(1, g.native_duration), gens)
+    lat = sample_consistency(external.make_denoiser(c, None, 3.0), x_T, cond, [759, 379], c.scheduler.alphas_cumprod,
+                             gens)
+    by_hand = external.decode(c, lat, g.num_samples(g.native_duration)).clamp(-1, 1).numpy()
+    explicit = MusicCM(c, GenerationConfig(steps=2, max_timestep=759)).generate(["dreamy synth pad"],
+                                                                                g.native_duration, [9])
+    assert np.array_equal(explicit.waveforms, by_hand) and explicit.config.max_timestep == 759
+    c.extra["max_timestep"] = 759  # as recipes/demo/install.py writes into model_index.json
+    from_model = MusicCM(c, GenerationConfig(steps=2)).generate(["dreamy synth pad"], g.native_duration, [9])
+    assert np.array_equal(from_model.waveforms, by_hand)
+    plain = MusicCM(c, GenerationConfig(steps=2, max_timestep=999)).generate(["dreamy synth pad"],
+                                                                            g.native_duration, [9])
+    assert differ(plain.waveforms, by_hand)
+    with pytest.raises(ValueError, match="consistency students only"):
+        teacher.generate(["jazz"], 1.0, [0], GenerationConfig(steps=3, max_timestep=759))

@@ -89,6 +89,16 @@ def test_lcm_timesteps_documented_values():
     assert solver_grid()[:3] == [19, 39, 59] and solver_grid()[-1] == 999
 
 
+def test_lcm_timesteps_below_a_max_timestep():
+    assert lcm_timesteps(4, max_timestep=759) == [759, 579, 379, 199]  # LCM's rule over the grid up to 759
+    assert lcm_timesteps(1, max_timestep=760) == [759] and lcm_timesteps(2, max_timestep=999) == lcm_timesteps(2)
+    assert lcm_timesteps(3, max_timestep=59) == [59, 39, 19]
+    with pytest.raises(ValueError, match="1..3"):
+        lcm_timesteps(4, max_timestep=59)
+    with pytest.raises(ValueError, match="below the grid"):
+        lcm_timesteps(1, max_timestep=10)
+
+
 def test_boundary_conditions():
     c_skip, c_out = boundary_scalings(torch.tensor([0, 1, 999]))
     assert c_skip[0] == 1.0 and c_out[0] == 0.0

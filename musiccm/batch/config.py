@@ -17,7 +17,7 @@ MAX_STEPS = 8  # distilled student
 MAX_TEACHER_STEPS = 1000  # DDIM teacher, and a hub-id model whose kind is known only once an actor loads it
 STUDENT_DEFAULT_STEPS, TEACHER_DEFAULT_STEPS = 4, 50  # as musiccm.pipeline.MusicCM.resolve
 # Fields that change the audio written for a row: a rerun into the same output must keep them.
-FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "dtype")
+FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "max_timestep", "dtype")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -38,6 +38,7 @@ class BatchConfig:
     max_duration: float = 600.0  # longest allowed duration_s; longer rows are rejected
     default_steps: int | None = None  # rows without `steps` (None: the model's, 4 for a student, 50 for a teacher)
     default_format: str = "flac"  # rows without `format`
+    max_timestep: int | None = None  # students: highest sampling timestep (None: the model's own, else 999)
     metrics_rows_per_shard: int = 1000
     metrics_flush_s: float = 60.0  # also write a (smaller) shard at least this often
     strict: bool = False  # any rejected row fails the run before generation starts
@@ -71,6 +72,8 @@ class BatchConfig:
              f"None (the model's default) or an integer in 1..{MAX_STEPS} for a distilled student, "
              f"1..{MAX_TEACHER_STEPS} for a DDIM teacher")
         need(self.default_format in FORMATS, "default_format", " | ".join(FORMATS))
+        need(self.max_timestep is None or (_is_int(self.max_timestep) and 0 <= self.max_timestep <= 999),
+             "max_timestep", "None (the model's setting) or an integer in 0..999 (distilled students only)")
         need(_is_int(self.metrics_rows_per_shard) and self.metrics_rows_per_shard >= 1, "metrics_rows_per_shard",
              "an integer ≥ 1")
         need(_positive(self.metrics_flush_s), "metrics_flush_s", "a number of seconds > 0")

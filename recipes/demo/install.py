@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--card", required=True, help="model card (Markdown) to ship as README.md beside the weights")
     p.add_argument("--name", default="musiccm-demo-v1", help="model name in model_index.json (default %(default)s)")
     p.add_argument("--target", default=str(TARGET), help="where to install (default: the package's default model)")
+    p.add_argument("--max-timestep", type=int, default=None,
+                   help="the model's default highest sampling timestep (model_index.json; see "
+                        "musiccm.schedule.lcm_timesteps); default: none, i.e. LCM's 999")
     p.add_argument("--classifier", default=None,
                    help="also install this label classifier (recipe stage 'classifier') as "
                         "musiccm/assets/demo_classifier: the evaluation feature network for the demo world")
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = index.setdefault("musiccm", {})
         extra.update(name=args.name, trained=True, note="demo student distilled from a small teacher trained on "
                      "synthetic soundfont music (recipes/demo); follows instrument, tempo, mode and drum prompts")
+        if args.max_timestep is not None:
+            extra["max_timestep"] = args.max_timestep
         (staged / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         shutil.copy(args.card, staged / "README.md")
         c = model.load(str(staged))
