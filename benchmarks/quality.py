@@ -1,7 +1,8 @@
 """Quality benchmark of the demo world, laid out like MusicCM Table 1: teacher vs distilled student.
 
 Rows: the teacher with 50-step DDIM + CFG, the teacher with 4-step DDIM + CFG, the student with 1, 2, 4 and 6
-consistency steps, and (``--student-noadv``) the "w/o L_adv" ablation. Each row is one run of the real jobs:
+consistency steps (first timestep ``--max-timestep``), the student with LCM's own timesteps from t = 999 (1 and
+4 steps), and (``--student-noadv``) the "w/o L_adv" ablation. Each row is one run of the real jobs:
 ``ray_jobs/batch_generate.py`` on the held-out prompts, then ``ray_jobs/evaluate.py --classifier`` against the
 held-out reference clips (the same prompts rendered by the soundfont), so FD/KID use the label classifier's
 embedding, IS/KL its instrument logits, and attribute accuracy its heads; CLAP is the model's own. Latency is
@@ -28,17 +29,20 @@ import pyarrow.parquet as pq
 from report import header, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-# (label, which model, steps, guidance_scale or None, row name); guidance 3.0 = the w=2 the student was distilled
-# with (diffusers convention), so the teacher rows show what the student imitates.
+# (label, which model, steps, guidance_scale or None, first-timestep rule, row name); guidance 3.0 = the w=2 the
+# student was distilled with (diffusers convention), so the teacher rows show what the student imitates. The rule
+# "max" = --max-timestep (students), "lcm" = LCMScheduler's own timesteps from t = 999, None = DDIM (teacher).
 CONFIGS = (
-    ("teacher-ddim50", "teacher", 50, 3.0, "Teacher (DDIM + CFG)"),
-    ("teacher-ddim4", "teacher", 4, 3.0, "Teacher (DDIM + CFG)"),
-    ("student-1", "student", 1, None, "Student (MusicCM)"),
-    ("student-2", "student", 2, None, "Student (MusicCM)"),
-    ("student-4", "student", 4, None, "Student (MusicCM)"),
-    ("student-6", "student", 6, None, "Student (MusicCM)"),
-    ("noadv-1", "student_noadv", 1, None, "Student w/o L_adv"),
-    ("noadv-4", "student_noadv", 4, None, "Student w/o L_adv"),
+    ("teacher-ddim50", "teacher", 50, 3.0, None, "Teacher (DDIM + CFG)"),
+    ("teacher-ddim4", "teacher", 4, 3.0, None, "Teacher (DDIM + CFG)"),
+    ("student-1", "student", 1, None, "max", "Student (MusicCM)"),
+    ("student-2", "student", 2, None, "max", "Student (MusicCM)"),
+    ("student-4", "student", 4, None, "max", "Student (MusicCM)"),
+    ("student-6", "student", 6, None, "max", "Student (MusicCM)"),
+    ("student-1-t999", "student", 1, None, "lcm", "Student, LCM timesteps from t=999"),
+    ("student-4-t999", "student", 4, None, "lcm", "Student, LCM timesteps from t=999"),
+    ("noadv-1", "student_noadv", 1, None, "max", "Student w/o L_adv"),
+    ("noadv-4", "student_noadv", 4, None, "max", "Student w/o L_adv"),
 )
 LABEL_HEADS = ("instrument", "tempo", "mode", "drums")
 
@@ -58,6 +62,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/quality", help="work directory (default %(default)s)")
     p.add_argument("--configs", nargs="+", default=[c[0] for c in CONFIGS], choices=[c[0] for c in CONFIGS],
                    help="rows to run (default: all)")
+    p.add_argument("--max-timestep", type=int, default=None,
+                   help="students' highest sampling timestep for the rows that use it (default: each model's own "
+                        "setting in model_index.json, else 999); the *-t999 rows always start at 999")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--batch-size", type=int, default=16, help="batch job --batch-size (default %(default)s)")
     p.add_argument("--latency-runs", type=int, default=5, help="timed single-clip runs per row (default 5)")
@@ -88,12 +95,12 @@ def inputs(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     return out / "prompts.parquet", out / "reference.parquet"
 
 
-def latency(model_dir: str, steps: int, guidance: float | None, runs: int) -> float:
+def latency(model_dir: str, steps: int, guidance: float | None, max_t: int | None, runs: int) -> float:
     """Median seconds for one native-length clip at batch size 1 (after one warm-up)."""
     from musiccm import model
     from musiccm.pipeline import GenerationConfig, MusicCM
 
-    gen = MusicCM(model.load(model_dir), GenerationConfig(steps=steps, guidance_scale=guidance))
+    gen = MusicCM(model.load(model_dir), GenerationConfig(steps=steps, guidance_scale=guidance, max_timestep=max_t))
     duration = gen.c.geometry.native_duration
     gen.generate(["warm-up"], duration, [0])
     times = []
@@ -104,7 +111,7 @@ def latency(model_dir: str, steps: int, guidance: float | None, runs: int) -> fl
     return statistics.median(times)
 
 
-def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, guidance: float | None,
+def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, guidance: float | None, max_t: int | None,
             prompts: Path, ref: Path, out: Path) -> dict:
     """Generate, evaluate and time one configuration; returns its metrics.json plus latency."""
     manifest = prompts
@@ -116,11 +123,12 @@ def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, gu
     gen_dir, eval_dir = out / "gen" / label, out / "eval" / label
     py = sys.executable
     run([py, "ray_jobs/batch_generate.py", "--manifest", str(manifest), "--output", str(gen_dir), "--model",
-         model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60"])
+         model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60",
+         *(["--max-timestep", str(max_t)] if max_t is not None else [])])
     run([py, "ray_jobs/evaluate.py", "--generated", str(gen_dir), "--reference", str(ref), "--out", str(eval_dir),
          "--classifier", args.classifier, "--table", str(out / "table.md"), "--label", label, "--progress-s", "60"])
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    metrics["latency_s"] = latency(model_dir, steps, guidance, args.latency_runs)
+    metrics["latency_s"] = latency(model_dir, steps, guidance, max_t, args.latency_runs)
     return metrics
 
 
@@ -153,19 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     prompts, ref = inputs(args, out)
     models = {"teacher": args.teacher, "student": args.student, "student_noadv": args.student_noadv}
     rows: dict[str, dict] = {}
-    for label, which, steps, guidance, name in CONFIGS:
+    for label, which, steps, guidance, rule, name in CONFIGS:
         if label not in args.configs:
             continue
         if not os.path.isdir(models[which]):
             print(f"skipping {label}: {models[which]} does not exist", flush=True)
             continue
-        metrics = one_row(args, label, models[which], steps, guidance, prompts, ref, out)
-        rows[label] = {**metrics, "steps": steps, "name": name}
+        max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
+        metrics = one_row(args, label, models[which], steps, guidance, max_t, prompts, ref, out)
+        rows[label] = {**metrics, "steps": steps, "name": name, "max_timestep": max_t}
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     reference = next(iter(rows.values()), {}).get("reference_attribute_accuracy")
+    first = args.max_timestep if args.max_timestep is not None else "each model's own setting"
     text = (header("Demo quality (Table 1 layout): teacher vs distilled student", "quality.py", argv)
             + f"{pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s clips; latency: one clip at "
-            f"batch size 1 in this process\n\n{table(rows)}\nClassifier accuracy on the real reference clips: "
+            f"batch size 1 in this process; student rows' first timestep: "
+            f"{first} unless named\n\n"
+            f"{table(rows)}\nClassifier accuracy on the real reference clips: "
             f"{json.dumps(reference)}\n")
     publish(text, args.write)
     return 0

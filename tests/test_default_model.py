@@ -19,7 +19,12 @@ from musiccm.evaluation import classifier
 from musiccm.pipeline import GenerationConfig, MusicCM
 
 CLASSIFIER = Path(__file__).resolve().parents[1] / "musiccm" / "assets" / "demo_classifier"
-CHANCE = {k: 1 / len(v) for k, v in synthetic.CLASSES.items()}
+CHANCE = {k: 1 / len(v) for k, v in synthetic.CLASSES.items()}  # instrument 1/8, tempo 1/3, drums 1/3
+# Measured for the shipped student on these 48 prompts (2026-11-30, CPU): instrument 0.375, tempo 0.833,
+# drums 0.771; the teacher's 4-step DDIM gets 0.58 / 0.79 / 0.92. The bars sit at twice chance (instrument)
+# and well above it (tempo, drums), with room for other platforms' float rounding; the same student sampled
+# from t = 999 (no max_timestep) scores 0.17 / 0.63 / 0.52 and fails the instrument and drums bars.
+MIN_ACCURACY = {"instrument": 0.25, "tempo": 0.6, "drums": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -49,5 +54,4 @@ def test_default_model_is_the_demo_student():
 
 @pytest.mark.parametrize("label", ["instrument", "tempo", "drums"])
 def test_default_model_follows_its_prompts(judged, label):
-    print(judged)
-    assert judged[label] >= 0.0, (label, judged, CHANCE)
+    assert judged[label] >= MIN_ACCURACY[label], (label, judged, CHANCE)
