@@ -1,7 +1,8 @@
 """Long-form check: minute-long clips by crop fusion (MusicCM §3.3) vs independent native windows concatenated.
 
 For each held-out prompt the student generates one 60 s clip with crop fusion, and the same minute as
-ceil(60 / window) independently sampled native windows laid end to end. At every window boundary of the
+ceil(60 / segment) independently sampled segments laid end to end (``--segment-s``: 10 s by default, each itself
+made by crop fusion when longer than the native window; 0 = native windows). At every segment boundary of the
 concatenation (the same instants for the fused clip) we measure:
 - spectral flux: mean |Δ log-mel| between the frames either side of the instant, over the clip's median
   frame-to-frame flux (a click or a sudden change of texture gives a large ratio; music's own onsets put
@@ -38,6 +39,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=8, help="prompts to use (default %(default)s)")
     p.add_argument("--duration", type=float, default=60.0, help="clip length in seconds (default %(default)s)")
     p.add_argument("--steps", type=int, default=4, help="consistency steps (default %(default)s)")
+    p.add_argument("--segment-s", type=float, default=10.0,
+                   help="length of the independently generated segments, s; 0 = the native window (default 10)")
+    p.add_argument("--max-timestep", type=int, default=None,
+                   help="first sampling timestep (default: the model's own setting, else 999)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     return p.parse_args(argv)
 
@@ -77,12 +82,12 @@ def consistency(net, wave: torch.Tensor, sr: int, window: int, labels: dict[str,
     return out
 
 
-def measure(net, wave: np.ndarray, sr: int, window: int, labels: dict[str, str]) -> dict[str, float]:
+def measure(net, wave: np.ndarray, sr: int, window: int, segment: int, labels: dict[str, str]) -> dict[str, float]:
     from musiccm.mel import MelConfig, log_mel
 
     x = torch.from_numpy(wave).float()
     hop = MelConfig().hop_length
-    instants = list(range(window, len(x), window))
+    instants = list(range(segment, len(x), segment))
     mel = log_mel(x[None], MelConfig(sample_rate=sr))[0]
     return {"flux_ratio": flux_ratio(mel, [s // hop for s in instants]),
             "embedding_jump": embedding_jump(net, x, sr, instants, window // 2, window),
@@ -95,33 +100,37 @@ def main(argv: list[str] | None = None) -> int:
     from musiccm.evaluation import classifier
     from musiccm.pipeline import GenerationConfig, MusicCM
 
-    gen = MusicCM(model.load(args.model), GenerationConfig(steps=args.steps))
+    gen = MusicCM(model.load(args.model), GenerationConfig(steps=args.steps, max_timestep=args.max_timestep))
     net = classifier.load(args.classifier)
     g = gen.c.geometry
     sr, native = g.sample_rate, g.native_duration
     window = g.num_samples(native)
+    seg_s = args.segment_s or native
+    segment = g.num_samples(seg_s)
     rows = pq.read_table(args.prompts).slice(0, args.count).to_pylist()
-    results: dict[str, list[dict]] = {"crop fusion": [], "independent windows": []}
+    results: dict[str, list[dict]] = {"crop fusion": [], f"{math.ceil(args.duration / seg_s)} independent "
+                                      f"{seg_s:g} s segments": []}
     fused_s = []
     for i, row in enumerate(rows):
         labels = {h: row[h] for h in ("instrument", "drums")}
         t0 = time.perf_counter()
         fused = gen.generate([row["prompt"]], args.duration, [i]).waveforms[0]
         fused_s.append(time.perf_counter() - t0)
-        n = math.ceil(args.duration / native)
-        parts = gen.generate([row["prompt"]] * n, native, [1000 * i + k for k in range(n)]).waveforms
+        n = math.ceil(args.duration / seg_s)
+        parts = gen.generate([row["prompt"]] * n, seg_s, [1000 * i + k for k in range(n)]).waveforms
         concat = np.concatenate(list(parts))[: g.num_samples(args.duration)]
-        results["crop fusion"].append(measure(net, fused, sr, window, labels))
-        results["independent windows"].append(measure(net, concat, sr, window, labels))
+        results["crop fusion"].append(measure(net, fused, sr, window, segment, labels))
+        results[f"{n} independent {seg_s:g} s segments"].append(measure(net, concat, sr, window, segment, labels))
         print(f"{i + 1}/{len(rows)} {row['prompt'][:60]!r}: fused {results['crop fusion'][-1]}, "
-              f"concatenated {results['independent windows'][-1]}", flush=True)
+              f"concatenated {results[list(results)[1]][-1]}", flush=True)
     keys = list(results["crop fusion"][0])
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, rs in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(r[k] for r in rs):.3f}" for k in keys) + " |")
-    text = (header(f"Long-form continuity: {args.duration:g} s by crop fusion vs independent {native:g} s windows",
+    text = (header(f"Long-form continuity: {args.duration:g} s by crop fusion vs independent {seg_s:g} s segments",
                    "longform_continuity.py", argv)
-            + f"Model {args.model}, {args.steps} steps, {len(rows)} prompts; means over prompts. A {args.duration:g} s "
+            + f"Model {args.model}, {args.steps} steps from t = {gen.config.max_timestep or 999}, native window "
+            f"{native:g} s, {len(rows)} prompts; means over prompts. A {args.duration:g} s "
             f"clip took {statistics.median(fused_s):.1f} s (median) with crop fusion.\n\n" + "\n".join(lines) + "\n")
     publish(text, args.write)
     return 0

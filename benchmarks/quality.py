@@ -15,6 +15,7 @@ one clip at batch size 1 in this process (median of ``--latency-runs``), as the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -68,6 +69,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--batch-size", type=int, default=16, help="batch job --batch-size (default %(default)s)")
     p.add_argument("--latency-runs", type=int, default=5, help="timed single-clip runs per row (default 5)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a row's generations and evaluation from an earlier run into the same --out when its "
+                        "model files, settings and prompts are unchanged (latency is always measured again)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     return p.parse_args(argv)
 
@@ -121,15 +125,35 @@ def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, gu
         manifest = out / f"prompts-{label}.parquet"
         pq.write_table(table, manifest)
     gen_dir, eval_dir = out / "gen" / label, out / "eval" / label
+    key = row_key(model_dir, steps, guidance, max_t, manifest)
+    if args.reuse and (eval_dir / "metrics.json").exists() and (eval_dir / "row-key.json").exists() \
+            and json.loads((eval_dir / "row-key.json").read_text()) == key:
+        print(f"reusing {label}: {eval_dir}/metrics.json was made from the same model, settings and prompts",
+              flush=True)
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        metrics["latency_s"] = latency(model_dir, steps, guidance, max_t, args.latency_runs)
+        return metrics
     py = sys.executable
     run([py, "ray_jobs/batch_generate.py", "--manifest", str(manifest), "--output", str(gen_dir), "--model",
          model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60",
          *(["--max-timestep", str(max_t)] if max_t is not None else [])])
     run([py, "ray_jobs/evaluate.py", "--generated", str(gen_dir), "--reference", str(ref), "--out", str(eval_dir),
          "--classifier", args.classifier, "--table", str(out / "table.md"), "--label", label, "--progress-s", "60"])
+    (eval_dir / "row-key.json").write_text(json.dumps(key, indent=2))
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     metrics["latency_s"] = latency(model_dir, steps, guidance, max_t, args.latency_runs)
     return metrics
+
+
+def row_key(model_dir: str, steps: int, guidance: float | None, max_t: int | None, manifest: Path) -> dict:
+    """What a row's generations depend on: the model's weights and index, the sampler settings, the prompts."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(model_dir).rglob("*")):
+        if f.is_file() and (f.suffix in (".safetensors", ".json")):
+            digest.update(f.relative_to(model_dir).as_posix().encode() + f.read_bytes())
+    rows = json.dumps(pq.read_table(manifest).to_pylist(), default=str).encode()
+    return {"model": model_dir, "model_sha256": digest.hexdigest(), "steps": steps, "guidance": guidance,
+            "max_timestep": max_t, "prompts_sha256": hashlib.sha256(rows).hexdigest()}
 
 
 def fmt(x: float | None, digits: int = 2) -> str:

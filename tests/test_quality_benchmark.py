@@ -43,3 +43,9 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_teacher_dir, tiny_stud
 
     steps = pq.read_table(out / "gen" / "teacher-ddim4" / "metrics").column("steps").to_pylist()
     assert steps == [4, 4, 4]
+
+    # a rerun with --reuse keeps rows made from the same model, settings and prompts
+    again = subprocess.run([*cmd[:cmd.index("--configs")], "--configs", "student-1", "--limit", "3", "--latency-runs",
+                            "1", "--batch-size", "3", "--reuse"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "reusing student-1" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((out / "rows.json").read_text())["student-1"]["metrics"] == rows["student-1"]["metrics"]

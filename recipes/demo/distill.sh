@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Distil the demo teacher into the demo student with the real job (ray_jobs/distill.py, Ray Train on a local
 # Ray instance), then the "w/o L_adv" ablation. Extra arguments go to both runs (e.g. --use-gpu --num-workers 2).
-# Rerunning resumes each run from its latest checkpoint (same --name and --storage).
+# Rerunning resumes each run from its latest checkpoint (same --name and --storage). RUNS="student" or
+# RUNS="ablation" runs only one of the two.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-outputs/demo}
@@ -21,6 +22,10 @@ common=(
   --validation-prompts "a slow sad piano piece without drums" "fast trumpet melody with a rock drum beat"
   "a lively synth lead with a four-on-the-floor dance beat" "a calm flute tune in a major key with no percussion"
 )
-.venv/bin/python ray_jobs/distill.py --name demo-student --output "$WORK/student" "${common[@]}" "$@"
-.venv/bin/python ray_jobs/distill.py --name demo-student-noadv --output "$WORK/student-noadv" --adv-weight 0 \
-  "${common[@]}" "$@"
+if [[ " ${RUNS:-student ablation} " == *" student "* ]]; then
+  .venv/bin/python ray_jobs/distill.py --name demo-student --output "$WORK/student" "${common[@]}" "$@"
+fi
+if [[ " ${RUNS:-student ablation} " == *" ablation "* ]]; then
+  .venv/bin/python ray_jobs/distill.py --name demo-student-noadv --output "$WORK/student-noadv" --adv-weight 0 \
+    "${common[@]}" "$@"
+fi
