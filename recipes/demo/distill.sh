@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Distil the demo teacher into the demo student with the real job (ray_jobs/distill.py, Ray Train on a local
-# Ray instance), then the "w/o L_adv" ablation. Extra arguments go to both runs (e.g. --use-gpu --num-workers 2).
+# Distil the demo teacher with the real job (ray_jobs/distill.py, Ray Train on a local Ray instance) twice: with
+# MusicCM's adversarial term (demo-student) and without it (demo-student-noadv; measured better, so it ships).
+# Extra arguments go to both runs (e.g. --use-gpu --num-workers 2).
 # Rerunning resumes each run from its latest checkpoint (same --name and --storage). RUNS="student" or
 # RUNS="ablation" runs only one of the two.
 set -euo pipefail
