@@ -325,11 +325,13 @@ def test_read_metrics_of_an_empty_output_is_an_empty_table(tmp_path: Path) -> No
 def test_config_validates_and_round_trips() -> None:
     config = BatchConfig(manifest="m.parquet", output="out", num_actors=2, hop_frames=16)
     assert BatchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert set(config.fingerprint()) == {"model", "default_steps", "default_format", "hop_frames", "dtype"}
+    assert set(config.fingerprint()) == {"model", "default_steps", "default_format", "hop_frames", "max_timestep",
+                                         "dtype"}
     assert config.stall_timeout_s == 36000.0
     assert config.default_steps is None  # the model's default, resolved before the run (4 or 50)
     assert BatchConfig(manifest="m", output="o", default_steps=1000).default_steps == 1000  # a teacher's limit
     for bad in ({"num_actors": 0}, {"batch_size": 1.5}, {"default_steps": 1001}, {"default_steps": 0},
+                {"max_timestep": 1000}, {"max_timestep": -1},
                 {"default_steps": 4.0}, {"default_format": "mp3"},
                 {"long_threshold_s": float("nan")}, {"max_duration": -1}, {"dtype": "int8"}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*allowed"):
