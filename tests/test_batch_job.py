@@ -581,3 +581,26 @@ def test_batch_job_with_a_ddim_teacher(tiny_teacher_dir: str, tmp_path: Path, ca
     # Without --default-steps a teacher's default is 50: another setting for this output, refused before Ray.
     code, err = run_main(args[:6], capsys)
     assert code == 2 and "other generation settings (default_steps: 10 → 50)" in err, err
+
+
+def test_generator_stage_samples_below_the_configured_max_timestep(tmp_path: Path, one_thread: None) -> None:
+    """--max-timestep reaches the sampler; without it the model's own setting (the demo student's 599) applies."""
+    from musiccm import model
+    from musiccm.pipeline import GenerationConfig, MusicCM
+
+    rows = check_batch(pa.table({"id": ["a"], "prompt": ["a fast trumpet melody with a rock drum beat"], "seed": [5],
+                                 "steps": [2], "format": ["wav"]}), max_duration=600).drop_columns(["reason"])
+    written = {}
+    for max_t in (None, 999):
+        out = tmp_path / f"out-{max_t}"
+        config = BatchConfig(manifest="unused", output=str(out), max_timestep=max_t, clap_score=False)
+        (row,) = GeneratorStage(config, device="cpu", torch_threads=1)(rows).to_pylist()
+        assert row["error"] is None
+        written[max_t] = sf.read(out / "audio" / "a.wav", dtype="float32")[0]
+    c = model.load(DEFAULT_MODEL)
+    assert c.extra["max_timestep"] == 599
+    expected = MusicCM(c, GenerationConfig(steps=2, max_timestep=599)).generate(
+        ["a fast trumpet melody with a rock drum beat"], c.geometry.native_duration, [5]).waveforms[0]
+    assert np.abs(expected).max() > 0.05  # real audio, so 16-bit rounding cannot hide a difference
+    assert np.abs(written[None] - expected).max() <= 1.5 / 32768  # 16-bit PCM rounding
+    assert np.abs(written[999] - written[None]).max() > 0.01
