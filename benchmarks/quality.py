@@ -43,7 +43,9 @@ CONFIGS = (
     ("student-1-t999", "student", 1, None, "lcm", "Student, LCM timesteps from t=999"),
     ("student-4-t999", "student", 4, None, "lcm", "Student, LCM timesteps from t=999"),
     ("noadv-1", "student_noadv", 1, None, "max", "Student w/o L_adv"),
+    ("noadv-2", "student_noadv", 2, None, "max", "Student w/o L_adv"),
     ("noadv-4", "student_noadv", 4, None, "max", "Student w/o L_adv"),
+    ("noadv-6", "student_noadv", 6, None, "max", "Student w/o L_adv"),
 )
 LABEL_HEADS = ("instrument", "tempo", "mode", "drums")
 
