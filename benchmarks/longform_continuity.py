@@ -108,21 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     seg_s = args.segment_s or native
     segment = g.num_samples(seg_s)
     rows = pq.read_table(args.prompts).slice(0, args.count).to_pylist()
-    results: dict[str, list[dict]] = {"crop fusion": [], f"{math.ceil(args.duration / seg_s)} independent "
-                                      f"{seg_s:g} s segments": []}
+    n = math.ceil(args.duration / seg_s)
+    concatenated = f"{n} independent {seg_s:g} s segments"
+    results: dict[str, list[dict]] = {"crop fusion": [], concatenated: []}
     fused_s = []
     for i, row in enumerate(rows):
         labels = {h: row[h] for h in ("instrument", "drums")}
         t0 = time.perf_counter()
         fused = gen.generate([row["prompt"]], args.duration, [i]).waveforms[0]
         fused_s.append(time.perf_counter() - t0)
-        n = math.ceil(args.duration / seg_s)
         parts = gen.generate([row["prompt"]] * n, seg_s, [1000 * i + k for k in range(n)]).waveforms
         concat = np.concatenate(list(parts))[: g.num_samples(args.duration)]
         results["crop fusion"].append(measure(net, fused, sr, window, segment, labels))
-        results[f"{n} independent {seg_s:g} s segments"].append(measure(net, concat, sr, window, segment, labels))
+        results[concatenated].append(measure(net, concat, sr, window, segment, labels))
         print(f"{i + 1}/{len(rows)} {row['prompt'][:60]!r}: fused {results['crop fusion'][-1]}, "
-              f"concatenated {results[list(results)[1]][-1]}", flush=True)
+              f"concatenated {results[concatenated][-1]}", flush=True)
     keys = list(results["crop fusion"][0])
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, rs in results.items():

@@ -127,21 +127,20 @@ def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, gu
         manifest = out / f"prompts-{label}.parquet"
         pq.write_table(table, manifest)
     gen_dir, eval_dir = out / "gen" / label, out / "eval" / label
-    key = row_key(model_dir, steps, guidance, max_t, manifest)
-    if args.reuse and (eval_dir / "metrics.json").exists() and (eval_dir / "row-key.json").exists() \
-            and json.loads((eval_dir / "row-key.json").read_text()) == key:
+    key, key_file = row_key(model_dir, steps, guidance, max_t, manifest), eval_dir / "row-key.json"
+    if args.reuse and (eval_dir / "metrics.json").exists() and key_file.exists() \
+            and json.loads(key_file.read_text()) == key:
         print(f"reusing {label}: {eval_dir}/metrics.json was made from the same model, settings and prompts",
               flush=True)
-        metrics = json.loads((eval_dir / "metrics.json").read_text())
-        metrics["latency_s"] = latency(model_dir, steps, guidance, max_t, args.latency_runs)
-        return metrics
-    py = sys.executable
-    run([py, "ray_jobs/batch_generate.py", "--manifest", str(manifest), "--output", str(gen_dir), "--model",
-         model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60",
-         *(["--max-timestep", str(max_t)] if max_t is not None else [])])
-    run([py, "ray_jobs/evaluate.py", "--generated", str(gen_dir), "--reference", str(ref), "--out", str(eval_dir),
-         "--classifier", args.classifier, "--table", str(out / "table.md"), "--label", label, "--progress-s", "60"])
-    (eval_dir / "row-key.json").write_text(json.dumps(key, indent=2))
+    else:
+        py = sys.executable
+        run([py, "ray_jobs/batch_generate.py", "--manifest", str(manifest), "--output", str(gen_dir), "--model",
+             model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60",
+             *(["--max-timestep", str(max_t)] if max_t is not None else [])])
+        run([py, "ray_jobs/evaluate.py", "--generated", str(gen_dir), "--reference", str(ref), "--out",
+             str(eval_dir), "--classifier", args.classifier, "--table", str(out / "table.md"), "--label", label,
+             "--progress-s", "60"])
+        key_file.write_text(json.dumps(key, indent=2))
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     metrics["latency_s"] = latency(model_dir, steps, guidance, max_t, args.latency_runs)
     return metrics
