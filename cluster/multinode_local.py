@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from musiccm.testing.seaweed import SeaweedFS, free_ports
+from musiccm.testing.seaweed import SeaweedFS, free_ports, worker_port_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = {job: ROOT / f"cluster/kuberay/rayjob-{job}.yaml" for job in ("batch", "distill")}
@@ -200,17 +200,17 @@ class LocalRay:
         """Spawn the head, then (once its GCS port answers) the second node; `wait_nodes(2)` waits for both."""
         gcs, dash, client = free_ports(3)
         self.ports.update(gcs=gcs, dashboard=dash, client=client)
-        base = 20000 + (os.getpid() % 200) * 200  # worker port ranges of 100, distinct per node and per run
+        head_workers, node2_workers = worker_port_ranges(2)
         self._spawn("head", ["--head", f"--port={gcs}", f"--temp-dir={self.workdir / 'ray'}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--ray-client-server-port={client}", f"--num-cpus={HEAD_CPUS}", "--num-gpus=0",
-                             '--resources={"head": 1}', *self._node_ports("head")], (base, base + 99))
+                             '--resources={"head": 1}', *self._node_ports("head")], head_workers)
         self._wait_port(gcs, "head", timeout_s=60)
         # Its own temp dir: two nodes sharing one would share runtime_resources/, and one node's runtime-env
         # agent would delete the job's working dir under the other node's driver.
         self._spawn("node2", [f"--address=127.0.0.1:{gcs}", f"--temp-dir={self.workdir / 'ray2'}",
                               f"--num-cpus={NODE2_CPUS}", "--num-gpus=0", '--resources={"node2": 1}',
-                              *self._node_ports("node2")], (base + 100, base + 199))
+                              *self._node_ports("node2")], node2_workers)
 
     def _wait_port(self, port: int, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

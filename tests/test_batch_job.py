@@ -41,7 +41,7 @@ from musiccm.batch.manifest import check_batch
 from musiccm.defaults import DEFAULT_MODEL
 from musiccm.jobs.batch import claim_output, inspect_model
 from musiccm.results import read_errors, read_metrics, read_summary, results_main
-from musiccm.testing.seaweed import SeaweedFS, free_ports
+from musiccm.testing.seaweed import SeaweedFS, free_ports, worker_port_ranges
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "ray_jobs" / "batch_generate.py")
@@ -319,14 +319,15 @@ def test_driver_killed_part_way_then_rerun_finishes_each_id_once(s3: SeaweedFS, 
 
 def _start_ray_head(temp_dir: str, env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
     """One `ray start --head --block` on fresh free ports; returns (process, job API address, failure or "")."""
-    ports = free_ports(10)
+    ports = free_ports(9)
+    (workers,) = worker_port_ranges(1, width=200)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
            "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={ports[2]}",
            f"--node-manager-port={ports[3]}", f"--object-manager-port={ports[4]}",
            f"--metrics-export-port={ports[5]}", f"--dashboard-agent-listen-port={ports[6]}",
            f"--dashboard-agent-grpc-port={ports[7]}", f"--runtime-env-agent-port={ports[8]}",
-           f"--min-worker-port={ports[9] % 20000 + 30000}", f"--max-worker-port={ports[9] % 20000 + 30200}",
+           f"--min-worker-port={workers[0]}", f"--max-worker-port={workers[1]}",
            "--object-store-memory=300000000", "--node-ip-address=127.0.0.1"]
     log_path = Path(temp_dir) / "head.log"
     with open(log_path, "ab") as log:

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 
 from musiccm import storage
 from musiccm.storage import StorageError
-from musiccm.testing.seaweed import SeaweedFS, free_ports
+from musiccm.testing.seaweed import SeaweedFS, _ephemeral_low, free_ports, worker_port_ranges
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +295,15 @@ def test_client_is_cached_per_environment(s3: SeaweedFS, monkeypatch: pytest.Mon
     before = storage._client()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     assert storage._client() is not before
+
+
+def test_worker_port_ranges_are_disjoint_free_and_below_the_ephemeral_range() -> None:
+    # Ray refuses to start when a port it was given (or picked at random) lies in its worker range;
+    # OS-chosen ports all come from the ephemeral range, so worker ranges must stay below it.
+    ranges = worker_port_ranges(3, width=50)
+    assert len(ranges) == 3
+    for lo, hi in ranges:
+        assert hi - lo + 1 == 50 and 20000 <= lo and hi < _ephemeral_low()
+    spans = sorted(ranges)
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert not any(lo <= p <= hi for p in free_ports(20) for lo, hi in ranges)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -74,6 +75,48 @@ def free_ports(n: int) -> list[int]:
             sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
         return ports
+
+
+def _ephemeral_low() -> int:
+    """First port of the kernel's ephemeral range (where `free_ports` and every OS-chosen port come from)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def worker_port_ranges(count: int, width: int = 100, floor: int = 20000) -> list[tuple[int, int]]:
+    """`count` disjoint ranges of `width` ports for `ray start --min/max-worker-port`, all free right now.
+
+    They lie below the ephemeral range, so no port the OS hands out (`free_ports`, Ray's own random
+    ports, outgoing connections) can later fall inside a worker range; Ray refuses to start when one does.
+    The floor keeps them above Ray's default worker range (10002-19999), which other local clusters use.
+    The start is drawn at random so parallel runs rarely try the same ranges; busy ones are skipped.
+    """
+    top = _ephemeral_low()
+    slots = (top - floor) // width
+    if slots < count:
+        raise RuntimeError(f"no room for {count} worker port ranges of {width} between {floor} and {top}")
+    first = secrets.randbelow(slots)
+    found: list[tuple[int, int]] = []
+    for i in range(slots):
+        lo = floor + ((first + i) % slots) * width
+        if _all_free(range(lo, lo + width)):
+            found.append((lo, lo + width - 1))
+            if len(found) == count:
+                return found
+    raise RuntimeError(f"fewer than {count} free worker port ranges of {width} between {floor} and {top}")
+
+
+def _all_free(ports: range) -> bool:
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
 
 
 class SeaweedFS:
