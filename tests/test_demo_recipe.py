@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from musiccm import model
-from musiccm.demo import architecture
+from musiccm.demo import architecture, recipe
 from musiccm.evaluation import classifier
 from musiccm.pipeline import GenerationConfig, MusicCM
 
@@ -68,3 +68,12 @@ def test_rerun_skips_finished_stages(work):
 def test_classifier_rejects_a_directory_that_is_not_one(tmp_path):
     with pytest.raises(ValueError, match="not a label classifier"):
         classifier.load(tmp_path)
+
+
+def test_presets_and_overrides():
+    full, hour = recipe.preset("full"), recipe.preset("hour", teacher_steps=7, seed=None)
+    assert full == recipe.RecipeConfig() and full.work == "outputs/demo"
+    assert hour.work == "outputs/demo-hour" and hour.teacher_steps == 7 and hour.teacher_more_steps == 0
+    assert hour.vae_steps < full.vae_steps and hour.seed == full.seed
+    with pytest.raises(ValueError, match="unknown preset 'day'; allowed: \\['full', 'hour'\\]"):
+        recipe.preset("day")

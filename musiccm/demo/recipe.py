@@ -194,6 +194,15 @@ PRESETS = {
                          teacher_more_steps=0, classifier_steps=500),
 }
 
+
+
+def preset(name: str, **overrides) -> RecipeConfig:
+    """The named preset with the given fields replaced (``None`` values keep the preset's)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {list(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
 STAGES = {"data": None, "parts": stage_parts, "teacher": stage_teacher, "teacher_more": stage_teacher_more,
           "classifier": stage_classifier}
 

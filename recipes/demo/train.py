@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(recipe.RecipeConfig)}
-    cfg = dataclasses.replace(recipe.PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None})
+    cfg = recipe.preset(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(recipe.RecipeConfig)})
     recipe.run(cfg, tuple(args.stages))
     return 0
 
