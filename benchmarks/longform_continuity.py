@@ -32,7 +32,8 @@ from report import header, publish
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="outputs/demo/student", help="student model (default %(default)s)")
+    p.add_argument("--model", default="musiccm/assets/default",
+                   help="student model (default %(default)s: the embedded default, the shipped demo student)")
     p.add_argument("--classifier", default="outputs/demo/classifier", help="label classifier (default %(default)s)")
     p.add_argument("--prompts", default="outputs/demo/data/heldout/prompts.parquet",
                    help="prompts with label columns (default %(default)s)")

@@ -75,6 +75,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="keep a row's generations and evaluation from an earlier run into the same --out when its "
                         "model files, settings and prompts are unchanged (latency is always measured again)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument("--title", default="Demo quality (Table 1 layout): teacher vs distilled student",
+                   help="title of the RESULTS.md section (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     reference = next(iter(rows.values()), {}).get("reference_attribute_accuracy")
     first = args.max_timestep if args.max_timestep is not None else "each model's own setting"
-    text = (header("Demo quality (Table 1 layout): teacher vs distilled student", "quality.py", argv)
+    text = (header(args.title, "quality.py", argv)
             + f"{pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s clips; latency: one clip at "
             f"batch size 1 in this process; student rows' first timestep: "
             f"{first} unless named\n\n"

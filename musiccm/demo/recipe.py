@@ -162,7 +162,10 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
     target = cfg.path("teacher")
     c = model.load(str(target))
     phases = c.extra.get("phases", [{"steps": cfg.teacher_steps, "lr": 3e-4}])
-    if len(phases) > 1 or cfg.teacher_more_steps == 0:
+    if cfg.teacher_more_steps == 0:
+        log.info("teacher_more_steps is 0: stage skipped")
+        return
+    if len(phases) > 1:
         log.info("teacher already continued (%s): stage skipped", phases)
         return
     latents = encode_latents(c.vae, data.mels)
@@ -185,9 +188,8 @@ def stage_classifier(cfg: RecipeConfig, data: DemoData) -> None:
 
 
 # Named sizes for `recipes/demo/train.py --preset`. "full" made the shipped model (≈ 2.4 h of training on 2 cores,
-# then ≈ 40 min per distillation); "hour" fits the whole recipe, one distillation included, in about an hour on
-# 2 cores, with a weaker teacher (per-step costs measured on the full run: VAE 0.75 s, CLAP 0.53 s, teacher
-# 0.38 s, classifier 0.29 s, distillation ≈ 4.5 s; recipes/demo/README.md has the measured runs).
+# then ≈ 36 min per distillation); "hour" runs the whole recipe, one 300-step distillation included, in 53 min on
+# 2 cores (measured), with a much weaker teacher. recipes/demo/README.md has both runs' stage times.
 PRESETS = {
     "full": RecipeConfig(),
     "hour": RecipeConfig(work="outputs/demo-hour", vae_steps=600, clap_steps=500, teacher_steps=3500,
