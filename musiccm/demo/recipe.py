@@ -197,7 +197,6 @@ PRESETS = {
 }
 
 
-
 def preset(name: str, **overrides) -> RecipeConfig:
     """The named preset with the given fields replaced (``None`` values keep the preset's)."""
     if name not in PRESETS:

@@ -3,7 +3,8 @@
 # (recipes/demo/train.py --preset hour) and one distillation by ray_jobs/distill.py (without L_adv, the variant
 # that measured better on the full run), into outputs/demo-hour. 53 min measured on 2 CPU cores; the model is much
 # weaker than the shipped one (recipes/demo/README.md has both runs' figures). Rerunning skips finished stages
-# and resumes the distillation from its last checkpoint.
+# and resumes the distillation from its last checkpoint. Extra arguments go to train.py (e.g. --threads 2);
+# STEPS=... sets the distillation's steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WORK=${WORK:-outputs/demo-hour}
