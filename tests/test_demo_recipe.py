@@ -24,7 +24,8 @@ def work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("demo")
     cmd = [sys.executable, "recipes/demo/train.py", "--work", str(work), "--train-clips", "24", "--heldout-clips",
            "4", "--vae-steps", "3", "--vocoder-steps", "3", "--clap-steps", "3", "--teacher-steps", "3",
-           "--classifier-steps", "3", "--teacher-more-steps", "2", "--threads", "1", "--vocoder", "hifigan"]
+           "--classifier-steps", "3", "--teacher-more-steps", "2", "--threads", "1", "--vocoder", "hifigan",
+           "--teacher-snr-gamma", "5", "--teacher-ema-rate", "0.99"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work
@@ -40,7 +41,8 @@ def test_stages_write_a_musicldm_layout_teacher(work):
     assert teacher.vae.config.scaling_factor != pytest.approx(1.075324296951294)
     out = MusicCM(teacher, GenerationConfig(steps=2)).generate(["slow piano without drums"], 3.0, [0])
     assert out.waveforms.shape == (1, 48000) and np.isfinite(out.waveforms).all()
-    assert json.loads((work / "teacher_recipe.json").read_text())["teacher_steps"] == 3
+    saved = json.loads((work / "teacher_recipe.json").read_text())
+    assert (saved["teacher_steps"], saved["teacher_snr_gamma"], saved["teacher_ema_rate"]) == (3, 5.0, 0.99)
     assert [p["steps"] for p in teacher.extra["phases"]] == [3, 2]  # trained, then continued once
 
 
@@ -77,3 +79,37 @@ def test_presets_and_overrides():
     assert hour.vae_steps < full.vae_steps and hour.seed == full.seed
     with pytest.raises(ValueError, match="unknown preset 'day'; allowed: \\['full', 'hour'\\]"):
         recipe.preset("day")
+    with pytest.raises(ValueError, match="teacher_snr_gamma must be ≥ 0"):
+        recipe.preset("hour", teacher_snr_gamma=-1.0)
+    with pytest.raises(ValueError, match="teacher_ema_rate must be in \\[0, 1\\)"):
+        recipe.preset("hour", teacher_ema_rate=1.0)
+
+
+def test_min_snr_weighting_reduces_to_plain_mse_and_changes_training_when_active():
+    from musiccm.demo.train_teacher import train_teacher
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 8, architecture.WINDOW_LATENT_FRAMES, 16, generator=g)
+    text, uncond = torch.nn.functional.normalize(torch.randn(4, 512, generator=g), dim=1), torch.zeros(512)
+    alphas = architecture.scheduler().alphas_cumprod
+
+    def first_weight(**kw):
+        unet = train_teacher(latents, text, None, uncond, alphas, 2, batch=2, ema_rate=0.0, **kw)
+        return unet.conv_in.weight.detach().clone()
+
+    plain = first_weight()
+    assert torch.equal(first_weight(snr_gamma=1e12), plain)  # γ above every SNR: weights all 1
+    assert not torch.allclose(first_weight(snr_gamma=0.1), plain)
+
+
+def test_teacher_probe_reports_attribute_accuracy(work):
+    cmd = [sys.executable, "benchmarks/teacher_probe.py", str(work / "teacher"), "--prompts",
+           str(work / "data" / "heldout" / "prompts.parquet"), "--classifier", str(work / "classifier"),
+           "--limit", "3", "--steps", "2", "--batch-size", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (row["steps"], row["clips"]) == (2, 3)
+    acc = row["accuracy"]
+    assert set(acc) == {"instrument", "tempo", "mode", "drums", "mean"}
+    assert all(v in {0.0, 33.3, 66.7, 100.0} for k, v in acc.items() if k != "mean")

@@ -42,6 +42,12 @@ class RecipeConfig:
     vocoder_steps: int = 2500
     clap_steps: int = 1200
     teacher_steps: int = 5000
+    teacher_lr: float = 3e-4
+    # Min-SNR-γ loss weighting of the teacher (0 = plain ε-MSE, how the shipped teacher was trained) and the
+    # rate of its EMA weights; the "hour" preset's faster schedule (higher lr, γ = 5, shorter EMA) was chosen
+    # by benchmarks/teacher_probe.py (recipes/demo/README.md).
+    teacher_snr_gamma: float = 0.0
+    teacher_ema_rate: float = 0.999
     # A second phase continuing the saved teacher (EMA weights) with a fresh warm-up + cosine schedule at
     # teacher_more_lr: how the shipped teacher was made (5,000 steps looked undertrained in the quality probe).
     teacher_more_steps: int = 8000
@@ -56,6 +62,10 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         if self.vocoder not in ("griffinlim", "hifigan"):
             raise ValueError(f"vocoder must be 'griffinlim' or 'hifigan', got {self.vocoder!r}")
+        if self.teacher_snr_gamma < 0:
+            raise ValueError(f"teacher_snr_gamma must be ≥ 0 (0 = off), got {self.teacher_snr_gamma}")
+        if not 0 <= self.teacher_ema_rate < 1:
+            raise ValueError(f"teacher_ema_rate must be in [0, 1), got {self.teacher_ema_rate}")
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -135,6 +145,10 @@ def frozen_parts(cfg: RecipeConfig, unet=None) -> model.MusicLDMComponents:
     )
 
 
+def _teacher_loss(cfg: RecipeConfig) -> dict:
+    return {"snr_gamma": cfg.teacher_snr_gamma or None, "ema_rate": cfg.teacher_ema_rate}
+
+
 def stage_teacher(cfg: RecipeConfig, data: DemoData) -> None:
     """Train the teacher UNet on the frozen parts and save the whole teacher in the MusicLDM layout."""
     from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
@@ -147,9 +161,10 @@ def stage_teacher(cfg: RecipeConfig, data: DemoData) -> None:
     log.info("teacher: latents %s, std %.3f", tuple(latents.shape), float(latents.std()))
     text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
     sched = c.scheduler
-    c.unet = train_teacher(latents, text, audio, uncond, sched.alphas_cumprod, cfg.teacher_steps, seed=cfg.seed)
+    c.unet = train_teacher(latents, text, audio, uncond, sched.alphas_cumprod, cfg.teacher_steps, lr=cfg.teacher_lr,
+                           seed=cfg.seed, **_teacher_loss(cfg))
     info = {"name": "musiccm-demo-teacher", "trained": True, "recipe": cfg.to_dict(),
-            "phases": [{"steps": cfg.teacher_steps, "lr": 3e-4}],
+            "phases": [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}],
             "note": "demo teacher trained on synthetic soundfont music (recipes/demo)"}
     model.save(c, target, extra=info)
     (cfg.path("teacher_recipe.json")).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -161,7 +176,7 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
 
     target = cfg.path("teacher")
     c = model.load(str(target))
-    phases = c.extra.get("phases", [{"steps": cfg.teacher_steps, "lr": 3e-4}])
+    phases = c.extra.get("phases", [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}])
     if cfg.teacher_more_steps == 0:
         log.info("teacher_more_steps is 0: stage skipped")
         return
@@ -171,7 +186,7 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
     latents = encode_latents(c.vae, data.mels)
     text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
     c.unet = train_teacher(latents, text, audio, uncond, c.scheduler.alphas_cumprod, cfg.teacher_more_steps,
-                           lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet)
+                           lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet, **_teacher_loss(cfg))
     phases = [*phases, {"steps": cfg.teacher_more_steps, "lr": cfg.teacher_more_lr}]
     model.save(c, target, extra={"phases": phases, "recipe": cfg.to_dict()})
 
@@ -188,12 +203,14 @@ def stage_classifier(cfg: RecipeConfig, data: DemoData) -> None:
 
 
 # Named sizes for `recipes/demo/train.py --preset`. "full" made the shipped model (≈ 2.4 h of training on 2 cores,
-# then ≈ 36 min per distillation); "hour" runs the whole recipe, one 300-step distillation included, in 53 min on
-# 2 cores (measured), with a much weaker teacher. recipes/demo/README.md has both runs' stage times.
+# then ≈ 36 min per distillation); "hour" runs the whole recipe, one 300-step distillation included, in 54 min on
+# 2 cores (measured), with a faster teacher schedule but a much weaker teacher. recipes/demo/README.md has both
+# runs' stage times.
 PRESETS = {
     "full": RecipeConfig(),
     "hour": RecipeConfig(work="outputs/demo-hour", vae_steps=600, clap_steps=500, teacher_steps=3500,
-                         teacher_more_steps=0, classifier_steps=500),
+                         teacher_lr=1e-3, teacher_snr_gamma=5.0, teacher_ema_rate=0.998, teacher_more_steps=0,
+                         classifier_steps=500),
 }
 
 

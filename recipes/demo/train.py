@@ -1,7 +1,7 @@
 """Train the demo world end to end: synthetic data, the small teacher's parts, the teacher, the eval classifier.
 
     python recipes/demo/train.py                   # the shipped model's sizes → outputs/demo (≈ 2.4 h on 2 cores)
-    python recipes/demo/train.py --preset hour     # smaller → outputs/demo-hour (41 min; + distillation 53)
+    python recipes/demo/train.py --preset hour     # smaller → outputs/demo-hour (43 min; + distillation 54)
     python recipes/demo/train.py --stages data parts  # some stages; finished stages are skipped on rerun
 Flags given explicitly override the preset's value. Then distil with the job itself and install the student:
 see recipes/demo/README.md.
