@@ -34,22 +34,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def probe(model_dir: str, rows: list[dict], net, steps: int | None, guidance: float | None, batch: int) -> dict:
+def probe(model_dir: str, rows: list[dict], judge, steps: int | None, guidance: float | None, batch: int) -> dict:
     """Attribute accuracy (per head and mean) of one model's clips for ``rows``."""
     from musiccm import model
     from musiccm.pipeline import GenerationConfig, MusicCM
 
     gen = MusicCM(model.load(model_dir), GenerationConfig(steps=steps, guidance_scale=guidance))
     duration = gen.c.geometry.native_duration
-    hits = {k: 0 for k in net.classes}
+    hits = {k: 0 for k in judge.net.classes}
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
         part = rows[i : i + batch]
         out = gen.generate([r["prompt"] for r in part], duration, list(range(i, i + len(part))))
         for r, wave in zip(part, out.waveforms, strict=True):
-            _, logits = net.wave_features(torch.from_numpy(wave), out.sample_rate)
-            for k, v in logits.items():
-                hits[k] += int(net.classes[k][int(v.argmax())] == r[k])
+            _, _, predicted = judge(torch.from_numpy(wave)[None], out.sample_rate)  # as ray_jobs/evaluate.py
+            for k, v in predicted.items():
+                hits[k] += int(v == r[k])
     acc = {k: round(100 * v / len(rows), 1) for k, v in hits.items()}
     acc["mean"] = round(sum(acc.values()) / len(hits), 1)
     return {"model": model_dir, "steps": gen.config.steps, "guidance": gen.config.guidance_scale, "clips": len(rows),
@@ -59,15 +59,15 @@ def probe(model_dir: str, rows: list[dict], net, steps: int | None, guidance: fl
 def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
-    from musiccm.evaluation import classifier
+    from musiccm.evaluation.features import Classifier
 
     args = parse(argv)
     if args.limit < 1:
         raise SystemExit("--limit must be ≥ 1")
     rows = pq.read_table(args.prompts).to_pylist()[: args.limit]
-    net = classifier.load(args.classifier)
+    judge = Classifier(args.classifier)
     for m in args.models:
-        print(json.dumps(probe(m, rows, net, args.steps, args.guidance, args.batch_size)), flush=True)
+        print(json.dumps(probe(m, rows, judge, args.steps, args.guidance, args.batch_size)), flush=True)
     return 0
 
 

@@ -145,7 +145,8 @@ def frozen_parts(cfg: RecipeConfig, unet=None) -> model.MusicLDMComponents:
     )
 
 
-def _teacher_loss(cfg: RecipeConfig) -> dict:
+def _teacher_training(cfg: RecipeConfig) -> dict:
+    """train_teacher's loss weighting and EMA rate from the recipe (both teacher phases use them)."""
     return {"snr_gamma": cfg.teacher_snr_gamma or None, "ema_rate": cfg.teacher_ema_rate}
 
 
@@ -162,7 +163,7 @@ def stage_teacher(cfg: RecipeConfig, data: DemoData) -> None:
     text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
     sched = c.scheduler
     c.unet = train_teacher(latents, text, audio, uncond, sched.alphas_cumprod, cfg.teacher_steps, lr=cfg.teacher_lr,
-                           seed=cfg.seed, **_teacher_loss(cfg))
+                           seed=cfg.seed, **_teacher_training(cfg))
     info = {"name": "musiccm-demo-teacher", "trained": True, "recipe": cfg.to_dict(),
             "phases": [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}],
             "note": "demo teacher trained on synthetic soundfont music (recipes/demo)"}
@@ -174,19 +175,19 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
     """Continue training the saved teacher for ``teacher_more_steps`` (once: recorded in its model_index.json)."""
     from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
 
-    target = cfg.path("teacher")
-    c = model.load(str(target))
-    phases = c.extra.get("phases", [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}])
     if cfg.teacher_more_steps == 0:
         log.info("teacher_more_steps is 0: stage skipped")
         return
+    target = cfg.path("teacher")
+    c = model.load(str(target))
+    phases = c.extra.get("phases", [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}])
     if len(phases) > 1:
         log.info("teacher already continued (%s): stage skipped", phases)
         return
     latents = encode_latents(c.vae, data.mels)
     text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
     c.unet = train_teacher(latents, text, audio, uncond, c.scheduler.alphas_cumprod, cfg.teacher_more_steps,
-                           lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet, **_teacher_loss(cfg))
+                           lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet, **_teacher_training(cfg))
     phases = [*phases, {"steps": cfg.teacher_more_steps, "lr": cfg.teacher_more_lr}]
     model.save(c, target, extra={"phases": phases, "recipe": cfg.to_dict()})
 
