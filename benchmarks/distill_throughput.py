@@ -44,7 +44,8 @@ def synthetic_rows(batch: int, seconds: float, seed: int = 0) -> dict[str, np.nd
     return {"audio": np.array(audio, dtype=object), "caption": np.array(captions, dtype=object)}
 
 
-def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
+def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: int, threads: int | None,
+            precision: str = "no") -> dict:
     """One configuration in this process: build, warm up, time ``steps`` steps; returns a result row."""
     import torch
 
@@ -57,7 +58,8 @@ def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: i
     t0 = time.perf_counter()
     teacher = build_components(size, seed=0)
     config = DistillConfig(train_manifest="synthetic", batch_size=batch, adv_weight=1.0 if adv else 0.0,
-                           tiny_feature_network=size == "tiny", validate_every=0, warmup_steps=0)
+                           tiny_feature_network=size == "tiny", validate_every=0, warmup_steps=0,
+                           mixed_precision=precision)
     distiller = Distiller(teacher, config, device)
     build_s = time.perf_counter() - t0
     rows = synthetic_rows(batch, 1.5 * teacher.geometry.native_duration)
@@ -84,18 +86,20 @@ def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: i
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for p in distiller.student_module.parameters() if p.requires_grad)
-    return {"size": size, "adv": adv, "device": device, "batch": batch, "steps": steps, "build_s": build_s,
+    return {"size": size, "adv": adv, "device": device, "precision": precision if device.startswith("cuda") else "no",
+            "batch": batch, "steps": steps, "build_s": build_s,
             "trainable_m": trainable / 1e6, "prep_s": prep_s / steps, "train_s": train_s / steps,
             "samples_per_s": batch * steps / (prep_s + train_s), "train_samples_per_s": batch * steps / train_s,
             "peak_mb": peak, "distill_loss": metrics["distill_loss"], "threads": torch.get_num_threads()}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | L_adv | device | threads | batch | trainable params | data s/step | train s/step "
-            "| samples/s per worker | train-only samples/s | peak memory |\n" + "|---" * 11 + "|\n")
+    head = ("| size | L_adv | device | precision | threads | batch | trainable params | data s/step | train s/step "
+            "| samples/s per worker | train-only samples/s | peak memory |\n" + "|---" * 12 + "|\n")
     mem = "RSS" if rows and rows[0]["device"] == "cpu" else "CUDA alloc"
     return head + "".join(
-        f"| {r['size']} | {'with' if r['adv'] else 'without'} | {r['device']} | {r['threads']} | {r['batch']} "
+        f"| {r['size']} | {'with' if r['adv'] else 'without'} | {r['device']} | {r.get('precision', 'no')} "
+        f"| {r['threads']} | {r['batch']} "
         f"| {r['trainable_m']:.1f} M | {r['prep_s']:.3f} | {r['train_s']:.3f} | {r['samples_per_s']:.3f} "
         f"| {r['train_samples_per_s']:.3f} "
         f"| {r['peak_mb']:.0f} MiB {mem} |\n" for r in rows)
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adv", nargs="+", choices=["with", "without"], default=["with", "without"],
                    help="adversarial term on/off (default: both)")
     p.add_argument("--batch-size", type=int, default=None, help="clips per step (default: tiny 4, full 1)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast precision of the student and teacher passes (GPU only; default no = fp32)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's; "
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         for adv in args.adv:
             spec = {"size": size, "adv": adv == "with", "device": device, "steps": args.steps, "warmup": args.warmup,
-                    "threads": args.threads, "batch": args.batch_size or (4 if size == "tiny" else 1)}
+                    "threads": args.threads, "batch": args.batch_size or (4 if size == "tiny" else 1),
+                    "precision": args.mixed_precision}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

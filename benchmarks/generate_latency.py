@@ -1,8 +1,9 @@
-"""Latency and peak memory of generation on the full-size (random-weight) MusicLDM architecture.
+"""Latency and peak memory of generation on the full-size (random-weight) MusicLDM architecture, or on a saved model.
 
 Usage: python benchmarks/generate_latency.py --device cuda --dtype float16 [--durations 10.24 60 600] [--write]
+       python benchmarks/generate_latency.py --model musiccm/assets/default --device cuda --durations 2.56 10.24 60
 Rows: teacher DDIM (50 steps, CFG) and the consistency student at 1/2/4 steps; long clips by crop fusion.
-Weights are random, so the figures are about speed and memory, not quality.
+Without --model the weights are random, so the figures are about speed and memory, not quality.
 """
 
 from __future__ import annotations
@@ -51,23 +52,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=50, help="teacher DDIM steps (0 = skip the teacher)")
     p.add_argument("--crop-batch-size", type=int, default=8, help="windows per UNet call")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
+    p.add_argument("--model", default=None, help="a saved MusicLDM-layout model (directory or hub id) to time "
+                   "instead of the random full-size architecture; a consistency student is timed at --student-steps, "
+                   "a teacher at --teacher-steps")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    teacher = build_components("full", seed=0)
-    teacher.unet.to(dtype)
-    teacher.to(args.device)
-    student = as_student(teacher)
+    if args.model:
+        from musiccm import model
+
+        loaded = model.load(args.model, device=args.device, dtype=dtype)
+        teacher, student = (None, loaded) if loaded.is_consistency else (loaded, None)
+        title = f"Generation latency, {loaded.extra.get('name') or args.model} ({args.model})"
+    else:
+        teacher = build_components("full", seed=0)
+        teacher.unet.to(dtype)
+        teacher.to(args.device)
+        student = as_student(teacher)
+        title = "Generation latency, full-size MusicLDM architecture (random weights)"
     rows = []
     for duration in args.durations:
-        runs = [("MusicLDM teacher, DDIM+CFG", teacher, args.teacher_steps)] if args.teacher_steps else []
-        runs += [("consistency student", student, s) for s in args.student_steps]
+        runs = [("teacher, DDIM+CFG", teacher, args.teacher_steps)] if teacher and args.teacher_steps else []
+        runs += [("consistency student", student, s) for s in args.student_steps] if student else []
         for label, comps, steps in runs:
             gen = MusicCM(comps, GenerationConfig(crop_batch_size=args.crop_batch_size, max_duration=3600))
             sec, mem = time_one(gen, duration, steps, args.device, args.repeats if duration <= 60 else 1)
             rows.append(f"| {label} | {steps} | {duration:g} | {sec:.3f} | {duration / sec:.1f}x | {mem:.0f} |")
             print(rows[-1], flush=True)
-    text = (header("Generation latency, full-size MusicLDM architecture (random weights)", "generate_latency.py", argv)
+    text = (header(title, "generate_latency.py", argv)
             + f"dtype {args.dtype}, crop_batch_size {args.crop_batch_size}\n\n"
             "| model | steps | clip s | seconds per clip | x real time | peak MB |\n|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU tier in one short run: the CUDA-only tests (`-m gpu`), then the speed and memory benchmarks on the
+# device, each appending its section to benchmarks/RESULTS.md. Every step has its own time limit so one slow step
+# cannot eat the others; logs and the updated RESULTS.md are copied to $OUT after each step.
+#
+# Usage (on a CUDA machine, from the repository root, with the project's packages importable):
+#   OUT=outputs/gpu-tier benchmarks/gpu_tier.sh
+#   ONLY="tests distill" benchmarks/gpu_tier.sh   # just these steps: tests demo-latency fp16-latency longform distill
+# On a machine whose Python lacks some of them, install wheels into a target dir first and put it on PYTHONPATH.
+set -u
+OUT=${OUT:-outputs/gpu-tier}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+failed=0
+
+step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log, keep RESULTS.md current in $OUT
+  local name=$1 limit=$2 rc start=$SECONDS
+  shift 2
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+  echo "== $* (limit ${limit} s)" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1
+  rc=$?
+  echo "== exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
+  [ "$rc" -eq 0 ] || failed=1
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
+'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+# Fail fast (and cheaply) when the environment lacks something the steps import.
+$PY -c "import soundfile, boto3, librosa; from diffusers import UNet2DConditionModel; import musiccm.distill.distiller" \
+  || { echo "import check failed: the environment lacks a package the GPU tier needs"; exit 2; }
+
+step tests 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_distiller.py
+step demo-latency 60 $PY benchmarks/generate_latency.py --model musiccm/assets/default --durations 2.56 10.24 60 \
+  --student-steps 1 2 4 6 --repeats 5 --write
+step fp16-latency 90 $PY benchmarks/generate_latency.py --dtype float16 --durations 10.24 60 --write
+step longform 60 $PY benchmarks/longform_memory.py --duration 600 --write
+step distill 120 $PY benchmarks/distill_throughput.py --sizes full --batch-size 8 --steps 5 --mixed-precision bf16 --write
+grep -h "passed\|failed\|error" "$OUT/log.txt" | tail -5
+exit $failed
