@@ -19,6 +19,7 @@ real and generated mels; both frame rates are 100 frames/s so frames line up.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,22 @@ def _slaney_basis(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: 
     import librosa
 
     return librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+
+
+def float32_front_end(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run an audio front end in float32 with autocast off, whatever the caller's autocast region.
+
+    exp(log-mel), squared magnitudes and filter-bank sums exceed float16's range (65504) on loud or untrained
+    inputs: under fp16 autocast the bank matmul overflowed to inf and poisoned the discriminator (seen on an H200,
+    ``test_mixed_precision_step_on_gpu[fp16]``). The networks after the front end still run in the caller's precision.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x.float(), *args, **kwargs)
+
+    return wrapper
 
 
 def mel_basis(config: MelConfig) -> torch.Tensor:
@@ -178,6 +195,7 @@ def _energy_ratio(window_a: torch.Tensor, fft_a: int, window_b: torch.Tensor, ff
     return float((window_a**2).sum() / (window_b**2).sum()) * fft_a / fft_b
 
 
+@float32_front_end
 def mel_to_fbank(logmel: torch.Tensor, config: MelConfig, frames: int = AUDIOMAE_FRAMES) -> torch.Tensor:
     """Differentiable MusicLDM log-mel (B, T, 64) → AudioMAE input (B, frames, 128), see the module docstring."""
     if config.sample_rate != 16000:
@@ -211,6 +229,7 @@ def _clap_banks(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: fl
     return banks[:, : n_fft // 2 + 1].astype(np.float32)  # (M_clap, K): only the 0..sr/2 part carries energy
 
 
+@float32_front_end
 def mel_to_clap(logmel: torch.Tensor, config: MelConfig, feature_extractor: Any) -> torch.Tensor:
     """Differentiable MusicLDM log-mel (B, T, 64) → CLAP audio input (B, 1, frames, 64) in dB ("rand_trunc" path).
 

@@ -138,6 +138,19 @@ def test_mel_to_clap_approximates_the_clap_feature_extractor(tiny_teacher):
     assert np.corrcoef(a2.flatten().numpy(), b2.flatten().numpy())[0, 1] > 0.9
 
 
+def test_feature_front_ends_stay_float32_under_fp16_autocast(tiny_teacher):
+    """Mixed-precision distillation runs the discriminator under fp16 autocast; the front ends' exp/power/bank sums
+    overflow float16 on a loud mel (an H200 run of the fp16 step went NaN that way), so they must run in fp32."""
+    loud = M.log_mel(torch.from_numpy(music_like(1.0, seed=3))[None]) + 6.0  # ~400x the amplitude
+    cfg, fe = M.MelConfig(), tiny_teacher.feature_extractor
+    ref_fbank, ref_clap = M.mel_to_fbank(loud, cfg, frames=112), M.mel_to_clap(loud, cfg, fe)
+    with torch.autocast("cpu", dtype=torch.float16):
+        fbank, clap = M.mel_to_fbank(loud, cfg, frames=112), M.mel_to_clap(loud, cfg, fe)
+    for got, ref in [(fbank, ref_fbank), (clap, ref_clap)]:
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref)
+
+
 # --------------------------------------------------------------------------- manifests and rows
 def test_check_manifest_schema():
     check_manifest_schema(pa.schema([("uri", pa.string())]))

@@ -115,6 +115,7 @@ def test_train_step_updates_student_ema_target_and_heads_only(teacher, batch):
     m = d.train_step(batch)
     for key in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "lr", "grad_norm", "disc_grad_norm", "loss"):
         assert np.isfinite(m[key]), key
+    assert m["disc_skipped"] == 0.0
     assert m["lr"] == pytest.approx(cfg.lr / 2) and m["batch_size"] == 3 and d.step == 1  # warm-up 1/2
     assert m["r1"] > 0 and m["grad_norm"] > 0
     assert max_diff(frozen["teacher"], params(teacher.unet)) == 0.0
@@ -129,6 +130,22 @@ def test_train_step_updates_student_ema_target_and_heads_only(teacher, batch):
     assert max_diff(want, params(d.target)) < 1e-6
     with pytest.raises(ValueError, match="at least one row"):
         d.train_step(PreparedBatch(batch.latents[:0], batch.cond[:0], batch.mel[:0]))
+
+
+def test_non_finite_discriminator_step_is_skipped_not_applied(teacher, batch):
+    """An overflowed fake feature (fp16) must not poison the heads: the D update is skipped and reported."""
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        d = Distiller(teacher, DistillConfig(**FAST))
+    real = d.disc.feature_maps(batch.mel.float())
+    c = d.disc.condition(batch.cond.float(), d.disc.mel_embedding(real))
+    fake = [f.clone() for f in real]
+    fake[0][0, 0, 0] = float("inf")
+    heads0 = params(d.disc.heads)
+    m = d._d_step(fake, real, c)
+    assert m["disc_skipped"] == 1.0 and not np.isfinite(m["disc_grad_norm"])
+    assert max_diff(heads0, params(d.disc.heads)) == 0.0 and all(p.grad is None for p in d.disc.heads.parameters())
+    m = d._d_step([f + 0.1 for f in real], real, c)
+    assert m["disc_skipped"] == 0.0 and max_diff(heads0, params(d.disc.heads)) > 0
 
 
 def test_gradient_checkpointing_gives_the_same_step(teacher, batch):

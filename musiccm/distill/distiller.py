@@ -278,7 +278,7 @@ class Distiller:
                    self.scaler.is_enabled() else 1.0}
         # 3. Discriminator step: hinge + γ/2·R1 on the heads' input features of real clips (fp32).
         metrics.update(self._d_step([f.detach() for f in fake_feats], real_feats, c) if self.disc is not None
-                       else {"adv_d_loss": 0.0, "r1": 0.0, "disc_grad_norm": 0.0})
+                       else {"adv_d_loss": 0.0, "r1": 0.0, "disc_grad_norm": 0.0, "disc_skipped": 0.0})
         metrics.update({"disc_lr": disc_lr if self.disc is not None else 0.0, "batch_size": float(b),
                         "skipped": float(batch.skipped), "t_mean": float(t.float().mean()),
                         "w_mean": float(w.mean())})
@@ -299,8 +299,12 @@ class Distiller:
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         norm = self._clip(list(self.disc.heads.parameters()))
-        self.opt_d.step()
-        return {"adv_d_loss": hinge.item(), "r1": r1.item(), "disc_grad_norm": norm}
+        skipped = not math.isfinite(norm)  # same on every rank: the norm is of all-reduced gradients
+        if skipped:  # e.g. fp16 features overflowed: skip, as GradScaler does for G, rather than poison the heads
+            self.opt_d.zero_grad(set_to_none=True)
+        else:
+            self.opt_d.step()
+        return {"adv_d_loss": hinge.item(), "r1": r1.item(), "disc_grad_norm": norm, "disc_skipped": float(skipped)}
 
     # ------------------------------------------------------------------ checkpoints
     def _named_state(self) -> dict[str, dict[str, torch.Tensor]]:

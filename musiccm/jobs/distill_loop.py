@@ -267,7 +267,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "step": step, "epoch": stream.epoch, "attempt": attempt, "resumed_from": resumed_from,
             **{k: out[k] for k in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "lr", "disc_lr", "grad_norm",
-                                   "loss") if k in out},
+                                   "grad_scale", "disc_skipped", "loss") if k in out},
             "samples_per_s": rows / elapsed, "samples_per_s_per_worker": rows / elapsed / world,
             "rows": int(rows), "samples": samples, "skipped_rows": skipped_total, "skipped_rows_step": int(skipped),
             "step_time_s": elapsed, "data_time_s": data_s,
