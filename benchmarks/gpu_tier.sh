@@ -7,6 +7,9 @@
 #   OUT=outputs/gpu-tier benchmarks/gpu_tier.sh
 #   ONLY="tests distill" benchmarks/gpu_tier.sh   # just these steps: tests demo-latency fp16-latency longform distill
 # On a machine whose Python lacks some of them, install wheels into a target dir first and put it on PYTHONPATH.
+# The H200 image (torch 2.11, transformers, timm, peft, pyarrow, numba, scikit-learn there) needed, as wheels for
+# CPython 3.12: diffusers==0.42.1 boto3 botocore s3transfer jmespath soundfile cffi pycparser importlib_metadata
+# librosa==0.11.0 audioread decorator pooch soxr platformdirs (versions as in this project's venv).
 set -u
 OUT=${OUT:-outputs/gpu-tier}
 PY=${PYTHON:-python3}
