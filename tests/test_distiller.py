@@ -396,6 +396,22 @@ def test_ddp_wrap_keeps_ranks_identical(tmp_path):
     assert max_diff(r0["tensors"], r1["tensors"]) == 0.0  # …and hold the same state
 
 
+@pytest.mark.parametrize("feature_network", ["audiomae", "clap"])
+def test_fp16_autocast_step_stays_finite_on_cpu(batch, feature_network):
+    """The GPU fp16 path's numerics, emulated with CPU autocast (the job itself only autocasts on CUDA): on an H200
+    the adversarial losses went NaN when the discriminator's front end overflowed float16; this catches it anywhere."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random AudioMAE weights
+        d = Distiller(build_components("tiny", seed=0, window=WINDOW), DistillConfig(**FAST,
+                      feature_network=feature_network, disc_layers=(1, 3)))
+    d.amp_dtype, d.scaler = torch.float16, torch.amp.GradScaler("cpu")
+    for _ in range(3):
+        m = d.train_step(batch)
+        assert np.isfinite([m["distill_loss"], m["adv_g_loss"], m["adv_d_loss"], m["r1"]]).all(), m
+        assert m["disc_skipped"] == 0.0
+    assert all(torch.isfinite(p).all() for p in d.disc.heads.parameters())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_step_on_gpu(teacher, batch, precision):
