@@ -6,10 +6,12 @@
 # Usage (on a CUDA machine, from the repository root, with the project's packages importable):
 #   OUT=outputs/gpu-tier benchmarks/gpu_tier.sh
 #   ONLY="tests distill" benchmarks/gpu_tier.sh   # just these steps: tests demo-latency fp16-latency longform distill
+#                                                 # recipe-hour
 # On a machine whose Python lacks some of them, install wheels into a target dir first and put it on PYTHONPATH.
 # The H200 image (torch 2.11, transformers, timm, peft, pyarrow, numba, scikit-learn there) needed, as wheels for
 # CPython 3.12: diffusers==0.42.1 boto3 botocore s3transfer jmespath soundfile cffi pycparser importlib_metadata
-# librosa==0.11.0 audioread decorator pooch soxr platformdirs (versions as in this project's venv).
+# librosa==0.11.0 audioread decorator pooch soxr platformdirs pretty_midi mido importlib_resources tinysoundfont
+# (versions as in this project's venv).
 set -u
 OUT=${OUT:-outputs/gpu-tier}
 PY=${PYTHON:-python3}
@@ -34,14 +36,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 # Fail fast (and cheaply) when the environment lacks something the steps import.
-$PY -c "import soundfile, boto3, librosa; from diffusers import UNet2DConditionModel; import musiccm.distill.distiller" \
+$PY -c "import soundfile, boto3, librosa, pretty_midi, tinysoundfont; from diffusers import UNet2DConditionModel; import musiccm.distill.distiller" \
   || { echo "import check failed: the environment lacks a package the GPU tier needs"; exit 2; }
 
-step tests 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_distiller.py
+step tests 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_distiller.py \
+  tests/test_demo_recipe.py
 step demo-latency 60 $PY benchmarks/generate_latency.py --model musiccm/assets/default --durations 2.56 10.24 60 \
   --student-steps 1 2 4 6 --repeats 5 --write
 step fp16-latency 90 $PY benchmarks/generate_latency.py --dtype float16 --durations 10.24 60 --write
 step longform 60 $PY benchmarks/longform_memory.py --duration 600 --write
 step distill 120 $PY benchmarks/distill_throughput.py --sizes full --batch-size 8 --steps 5 --mixed-precision bf16 --write
-grep -h "passed\|failed\|error" "$OUT/log.txt" | tail -5
+# The demo recipe's one-hour preset (without its Ray distillation) on the GPU: its stage times ("stage … done in").
+step recipe-hour 420 $PY recipes/demo/train.py --preset hour --work /tmp/demo-hour --device cuda
+grep -h "stage .* done in\|data: \|passed\|failed\|error" "$OUT/log.txt" | tail -12
 exit $failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,35 @@ def test_rerun_skips_finished_stages(work):
 def test_classifier_rejects_a_directory_that_is_not_one(tmp_path):
     with pytest.raises(ValueError, match="not a label classifier"):
         classifier.load(tmp_path)
+
+
+def test_device_choice():
+    assert recipe.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert recipe.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        recipe.resolve_device("tpu")
+    r = subprocess.run([sys.executable, "recipes/demo/train.py", "--device", "tpu", "--stages", "classifier"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "device must be" in r.stderr
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU here"):
+            recipe.resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_toy_recipe_trains_on_the_gpu(tmp_path):
+    cmd = [sys.executable, "recipes/demo/train.py", "--work", str(tmp_path), "--train-clips", "24", "--heldout-clips",
+           "4", "--vae-steps", "3", "--vocoder-steps", "3", "--clap-steps", "3", "--teacher-steps", "3",
+           "--classifier-steps", "3", "--teacher-more-steps", "2", "--vocoder", "hifigan", "--device", "cuda"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("parts", "teacher", "teacher_more", "classifier"):
+        assert re.search(rf"stage {stage} done in \d+ s on cuda", r.stdout), stage
+    teacher = model.load(str(tmp_path / "teacher"))  # saved from the GPU, loads on the CPU
+    assert [p["steps"] for p in teacher.extra["phases"]] == [3, 2]
+    out = MusicCM(teacher, GenerationConfig(steps=2)).generate(["slow piano without drums"], 2.56, [0])
+    assert np.isfinite(out.waveforms).all()
+    classifier.load(tmp_path / "classifier")
 
 
 def test_presets_and_overrides():

@@ -103,7 +103,7 @@ def _done(path: Path) -> bool:
     return False
 
 
-def stage_parts(cfg: RecipeConfig, data: DemoData) -> None:
+def stage_parts(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
     """Tokenizer, VAE, (HiFi-GAN) vocoder and CLAP, each saved with its library's ``save_pretrained``."""
     from musiccm.demo.train_autoencoders import train_vae, train_vocoder
     from musiccm.demo.train_clap import train_clap
@@ -112,15 +112,16 @@ def stage_parts(cfg: RecipeConfig, data: DemoData) -> None:
     if not _done(parts / "tokenizer"):
         architecture.train_tokenizer(data.captions, parts / "tokenizer")
     if not _done(parts / "vae"):
-        train_vae(data, cfg.vae_steps, seed=cfg.seed).save_pretrained(parts / "vae", safe_serialization=True)
+        train_vae(data, cfg.vae_steps, seed=cfg.seed, device=device).save_pretrained(parts / "vae",
+                                                                                      safe_serialization=True)
     if cfg.vocoder == "hifigan" and not _done(parts / "vocoder"):
-        train_vocoder(data, cfg.vocoder_steps, seed=cfg.seed).save_pretrained(parts / "vocoder",
-                                                                             safe_serialization=True)
+        train_vocoder(data, cfg.vocoder_steps, seed=cfg.seed, device=device).save_pretrained(
+            parts / "vocoder", safe_serialization=True)
     if not _done(parts / "text_encoder"):
         from transformers import RobertaTokenizerFast
 
         tokenizer = RobertaTokenizerFast.from_pretrained(parts / "tokenizer")
-        clap, fe = train_clap(data, tokenizer, cfg.clap_steps, seed=cfg.seed)
+        clap, fe = train_clap(data, tokenizer, cfg.clap_steps, seed=cfg.seed, device=device)
         clap.save_pretrained(parts / "text_encoder", safe_serialization=True)
         fe.save_pretrained(parts / "feature_extractor")
 
@@ -150,20 +151,21 @@ def _teacher_training(cfg: RecipeConfig) -> dict:
     return {"snr_gamma": cfg.teacher_snr_gamma or None, "ema_rate": cfg.teacher_ema_rate}
 
 
-def stage_teacher(cfg: RecipeConfig, data: DemoData) -> None:
+def stage_teacher(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
     """Train the teacher UNet on the frozen parts and save the whole teacher in the MusicLDM layout."""
     from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
 
     target = cfg.path("teacher")
     if _done(target / "model_index.json"):
         return
-    c = frozen_parts(cfg)
+    c = frozen_parts(cfg).to(device)
     latents = encode_latents(c.vae, data.mels)
     log.info("teacher: latents %s, std %.3f", tuple(latents.shape), float(latents.std()))
     text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
     sched = c.scheduler
     c.unet = train_teacher(latents, text, audio, uncond, sched.alphas_cumprod, cfg.teacher_steps, lr=cfg.teacher_lr,
-                           seed=cfg.seed, **_teacher_training(cfg))
+                           seed=cfg.seed, device=device, **_teacher_training(cfg))
+    c = c.to("cpu")
     info = {"name": "musiccm-demo-teacher", "trained": True, "recipe": cfg.to_dict(),
             "phases": [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}],
             "note": "demo teacher trained on synthetic soundfont music (recipes/demo)"}
@@ -171,7 +173,7 @@ def stage_teacher(cfg: RecipeConfig, data: DemoData) -> None:
     (cfg.path("teacher_recipe.json")).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
+def stage_teacher_more(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
     """Continue training the saved teacher for ``teacher_more_steps`` (once: recorded in its model_index.json)."""
     from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
 
@@ -179,7 +181,7 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
         log.info("teacher_more_steps is 0: stage skipped")
         return
     target = cfg.path("teacher")
-    c = model.load(str(target))
+    c = model.load(str(target), device=device)
     phases = c.extra.get("phases", [{"steps": cfg.teacher_steps, "lr": cfg.teacher_lr}])
     if len(phases) > 1:
         log.info("teacher already continued (%s): stage skipped", phases)
@@ -187,19 +189,21 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData) -> None:
     latents = encode_latents(c.vae, data.mels)
     text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
     c.unet = train_teacher(latents, text, audio, uncond, c.scheduler.alphas_cumprod, cfg.teacher_more_steps,
-                           lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet, **_teacher_training(cfg))
+                           lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet, device=device,
+                           **_teacher_training(cfg))
+    c = c.to("cpu")
     phases = [*phases, {"steps": cfg.teacher_more_steps, "lr": cfg.teacher_more_lr}]
     model.save(c, target, extra={"phases": phases, "recipe": cfg.to_dict()})
 
 
-def stage_classifier(cfg: RecipeConfig, data: DemoData) -> None:
+def stage_classifier(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
     """The evaluation classifier (embedding for FD, logits for IS/KL, heads for attribute accuracy)."""
     from musiccm.evaluation import classifier
 
     target = cfg.path("classifier")
     if _done(target / "model.safetensors"):
         return
-    net = classifier.train(data.mels, data.labels, cfg.classifier_steps, seed=cfg.seed)
+    net = classifier.train(data.mels, data.labels, cfg.classifier_steps, seed=cfg.seed, device=device)
     classifier.save(net, target)
 
 
@@ -226,11 +230,27 @@ STAGES = {"data": None, "parts": stage_parts, "teacher": stage_teacher, "teacher
           "classifier": stage_classifier}
 
 
-def run(cfg: RecipeConfig, stages: tuple[str, ...] = tuple(STAGES)) -> None:
-    """Run the named stages in order (``data`` first if asked; the others load the training set once)."""
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; an explicit CUDA device must exist."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use --device cpu (or auto)")
+    return name
+
+
+def run(cfg: RecipeConfig, stages: tuple[str, ...] = tuple(STAGES), device: str = "cpu") -> None:
+    """Run the named stages in order (``data`` first if asked; the others load the training set once).
+
+    ``device``: where the training stages run (``auto``, ``cpu``, ``cuda``, ``cuda:N``); data rendering and
+    everything saved stay on the CPU.
+    """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; allowed: {list(STAGES)}")
+    device = resolve_device(device)
     torch.manual_seed(cfg.seed)
     if "data" in stages:
         stage_data(cfg)
@@ -240,5 +260,5 @@ def run(cfg: RecipeConfig, stages: tuple[str, ...] = tuple(STAGES)) -> None:
         log.info("loaded %d training clips", len(data))
         for name in rest:
             start = time.perf_counter()
-            STAGES[name](cfg, data)
-            log.info("stage %s done in %.0f s", name, time.perf_counter() - start)
+            STAGES[name](cfg, data, device)
+            log.info("stage %s done in %.0f s on %s", name, time.perf_counter() - start, device)

@@ -25,12 +25,12 @@ STFT_RESOLUTIONS = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))  # (n_f
 
 
 def train_vae(data: DemoData, steps: int, batch: int = 16, crop: int = 64, lr: float = 4e-4,
-              kl_weight: float = 1e-4, seed: int = 0):
-    """A fresh AutoencoderKL trained on random ``crop``-frame windows of the data's log-mels."""
+              kl_weight: float = 1e-4, seed: int = 0, device: str | torch.device = "cpu"):
+    """A fresh AutoencoderKL trained on random ``crop``-frame windows of the data's log-mels (returned on the CPU)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**architecture.vae_config()).train()
+    vae = AutoencoderKL(**architecture.vae_config()).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
     g = torch.Generator().manual_seed(seed)
@@ -39,7 +39,7 @@ def train_vae(data: DemoData, steps: int, batch: int = 16, crop: int = 64, lr: f
     for i in range(steps):
         idx = torch.randint(0, n, (batch,), generator=g)
         start = torch.randint(0, frames - crop + 1, (1,), generator=g).item() // 4 * 4
-        x = data.mels[idx, start : start + crop].unsqueeze(1)  # (B, 1, crop, 64)
+        x = data.mels[idx, start : start + crop].unsqueeze(1).to(device)  # (B, 1, crop, 64)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         rec = (recon - x).abs().mean()
@@ -55,13 +55,13 @@ def train_vae(data: DemoData, steps: int, batch: int = 16, crop: int = 64, lr: f
     scale = 1.0 / latent_std(vae, data.mels[: min(256, n)])
     vae.register_to_config(scaling_factor=scale)
     log.info("vae scaling_factor %.4f", scale)
-    return vae
+    return vae.cpu()
 
 
 @torch.no_grad()
 def latent_std(vae, mels: torch.Tensor, batch: int = 32) -> float:
     """Standard deviation of the posterior means of ``mels`` (N, T, 64)."""
-    z = torch.cat([vae.encode(mels[i : i + batch].unsqueeze(1)).latent_dist.mode() for i in
+    z = torch.cat([vae.encode(mels[i : i + batch].unsqueeze(1).to(vae.device)).latent_dist.mode() for i in
                    range(0, len(mels), batch)])
     return float(z.std())
 
@@ -83,13 +83,13 @@ def stft_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_vocoder(data: DemoData, steps: int, batch: int = 16, frames: int = 32, lr: float = 5e-4,
-                  mel_weight: float = 1.0, seed: int = 0):
-    """A fresh SpeechT5HifiGan trained to invert the data's MusicLDM log-mels."""
+                  mel_weight: float = 1.0, seed: int = 0, device: str | torch.device = "cpu"):
+    """A fresh SpeechT5HifiGan trained to invert the data's MusicLDM log-mels (returned on the CPU)."""
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     torch.manual_seed(seed)
     cfg = MelConfig()
-    voc = SpeechT5HifiGan(SpeechT5HifiGanConfig(**architecture.vocoder_config())).train()
+    voc = SpeechT5HifiGan(SpeechT5HifiGanConfig(**architecture.vocoder_config())).to(device).train()
     opt = torch.optim.AdamW(voc.parameters(), lr=lr, betas=(0.8, 0.99))
     sched = warmup_cosine(opt, steps)
     g = torch.Generator().manual_seed(seed + 1)
@@ -99,8 +99,8 @@ def train_vocoder(data: DemoData, steps: int, batch: int = 16, frames: int = 32,
     for i in range(steps):
         idx = torch.randint(0, n, (batch,), generator=g)
         start = int(torch.randint(0, total_frames - frames + 1, (1,), generator=g))
-        mel = data.mels[idx, start : start + frames]  # (B, frames, 64)
-        target = data.waves[idx, start * hop : (start + frames) * hop]  # (B, frames·hop)
+        mel = data.mels[idx, start : start + frames].to(device)  # (B, frames, 64)
+        target = data.waves[idx, start * hop : (start + frames) * hop].to(device)  # (B, frames·hop)
         wav = voc(mel)[:, : target.shape[1]]
         spec = stft_loss(wav, target)
         mel_l1 = F.l1_loss(log_mel(wav, cfg), log_mel(target, cfg))
@@ -111,4 +111,4 @@ def train_vocoder(data: DemoData, steps: int, batch: int = 16, frames: int = 32,
         opt.step()
         sched.step()
         progress.step(i, stft=spec.item(), mel_l1=mel_l1.item())
-    return voc.eval().requires_grad_(False)
+    return voc.cpu().eval().requires_grad_(False)

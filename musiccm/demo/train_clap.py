@@ -46,14 +46,15 @@ def positives(labels: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tenso
 
 
 def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float = 5e-4, aux_weight: float = 1.0,
-               seed: int = 0):
-    """A fresh ClapModel trained on (caption, clip) pairs; returns (model, feature extractor)."""
+               seed: int = 0, device: str | torch.device = "cpu"):
+    """A fresh ClapModel trained on (caption, clip) pairs; returns (model on the CPU, feature extractor)."""
     from transformers import ClapConfig, ClapModel
 
     torch.manual_seed(seed)
     fe = architecture.feature_extractor()
-    clap = ClapModel(ClapConfig(**architecture.clap_config(len(tokenizer)))).train()
+    clap = ClapModel(ClapConfig(**architecture.clap_config(len(tokenizer)))).to(device).train()
     probes = nn.ModuleDict({name: nn.Linear(512, 2 * len(classes)) for name, classes in synthetic.CLASSES.items()})
+    probes = probes.to(device)
     params = list(clap.parameters()) + list(probes.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = warmup_cosine(opt, steps, warmup=0.1)
@@ -65,10 +66,12 @@ def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float
     progress = Progress("clap", steps)
     for i in range(steps):
         idx = torch.randint(0, len(data), (batch,), generator=g)
-        a = _features(clap.get_audio_features(input_features=feats[idx], is_longer=longer[idx]))  # (B, 512)
-        t = _features(clap.get_text_features(input_ids=tokens["input_ids"][idx],
-                                             attention_mask=tokens["attention_mask"][idx]))
-        target = positives(data.labels, idx)
+        a = _features(clap.get_audio_features(input_features=feats[idx].to(device),
+                                              is_longer=longer[idx].to(device)))  # (B, 512)
+        t = _features(clap.get_text_features(input_ids=tokens["input_ids"][idx].to(device),
+                                             attention_mask=tokens["attention_mask"][idx].to(device)))
+        target = positives(data.labels, idx).to(device)
+        labels = {name: v[idx].to(device) for name, v in data.labels.items()}
         logits_a = clap.logit_scale_a.exp() * a @ t.T
         logits_t = clap.logit_scale_t.exp() * t @ a.T
         contrastive = 0.5 * (F.cross_entropy(logits_a, target) + F.cross_entropy(logits_t, target))
@@ -76,7 +79,7 @@ def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float
         for name, probe in probes.items():
             k = len(synthetic.CLASSES[name])
             out_a, out_t = probe(a)[:, :k], probe(t)[:, k:]
-            aux = aux + F.cross_entropy(out_a, data.labels[name][idx]) + F.cross_entropy(out_t, data.labels[name][idx])
+            aux = aux + F.cross_entropy(out_a, labels[name]) + F.cross_entropy(out_t, labels[name])
         loss = contrastive + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,4 +91,4 @@ def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float
             clap.logit_scale_t.clamp_(0, 4.6052)
         top1 = (target.gather(1, logits_a.argmax(1, keepdim=True)) > 0).float().mean()  # audio → a matching text
         progress.step(i, contrastive=contrastive.item(), aux=aux.item(), top1=top1.item())
-    return clap.eval().requires_grad_(False), fe
+    return clap.cpu().eval().requires_grad_(False), fe

@@ -67,14 +67,16 @@ class LabelClassifier(nn.Module):
 
 
 def train(mels: torch.Tensor, labels: dict[str, torch.Tensor], steps: int, classes: dict[str, list[str]] | None = None,
-          batch: int = 32, lr: float = 1e-3, min_frames: int = 128, seed: int = 0) -> LabelClassifier:
-    """Train on log-mels (N, T, 64) with label indices; random crops of ≥ ``min_frames`` frames (length-robust)."""
+          batch: int = 32, lr: float = 1e-3, min_frames: int = 128, seed: int = 0,
+          device: str | torch.device = "cpu") -> LabelClassifier:
+    """Train on log-mels (N, T, 64) with label indices; random crops of ≥ ``min_frames`` frames (length-robust).
+    Returned on the CPU."""
     from musiccm import synthetic
     from musiccm.demo.common import warmup_cosine
 
     classes = classes or {k: list(synthetic.CLASSES[k]) for k in labels}
     torch.manual_seed(seed)
-    net = LabelClassifier(classes).train()
+    net = LabelClassifier(classes).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     sched = warmup_cosine(opt, steps, warmup=0.1)
     g = torch.Generator().manual_seed(seed + 4)
@@ -83,18 +85,19 @@ def train(mels: torch.Tensor, labels: dict[str, torch.Tensor], steps: int, class
         idx = torch.randint(0, n, (batch,), generator=g)
         length = int(torch.randint(min(min_frames, frames), frames + 1, (1,), generator=g))
         start = int(torch.randint(0, frames - length + 1, (1,), generator=g))
-        _, logits = net(mels[idx, start : start + length])
-        losses = {k: F.cross_entropy(logits[k], labels[k][idx]) for k in classes}
+        _, logits = net(mels[idx, start : start + length].to(device))
+        target = {k: labels[k][idx].to(device) for k in classes}
+        losses = {k: F.cross_entropy(logits[k], target[k]) for k in classes}
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (i + 1) % 100 == 0 or i + 1 == steps:
-            acc = {k: float((logits[k].argmax(1) == labels[k][idx]).float().mean()) for k in classes}
+            acc = {k: float((logits[k].argmax(1) == target[k]).float().mean()) for k in classes}
             log.info("classifier step %d/%d loss %.3f acc %s", i + 1, steps, loss.item(),
                      {k: round(v, 2) for k, v in acc.items()})
-    return net.eval().requires_grad_(False)
+    return net.cpu().eval().requires_grad_(False)
 
 
 def save(net: LabelClassifier, directory: str | Path) -> str:

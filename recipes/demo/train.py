@@ -3,6 +3,7 @@
     python recipes/demo/train.py                   # the shipped model's sizes → outputs/demo (≈ 2.4 h on 2 cores)
     python recipes/demo/train.py --preset hour     # smaller → outputs/demo-hour (43 min; + distillation 54)
     python recipes/demo/train.py --stages data parts  # some stages; finished stages are skipped on rerun
+    python recipes/demo/train.py --device cpu      # training stages on the CPU even where a GPU is visible
 Flags given explicitly override the preset's value. Then distil with the job itself and install the student:
 see recipes/demo/README.md.
 """
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", default=list(recipe.STAGES), choices=list(recipe.STAGES),
                    help=f"stages to run, in order (default: all: {' '.join(recipe.STAGES)})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="where the training stages run: auto (cuda when a GPU is "
+                   "visible, else cpu), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--preset", choices=list(recipe.PRESETS), default="full",
                    help="named sizes: 'full' made the shipped model, 'hour' fits recipe + one distillation in about "
                         "an hour on 2 cores (default: full)")
@@ -36,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     cfg = recipe.preset(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(recipe.RecipeConfig)})
-    recipe.run(cfg, tuple(args.stages))
+    try:
+        device = recipe.resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
+    recipe.run(cfg, tuple(args.stages), device)
     return 0
 
 
