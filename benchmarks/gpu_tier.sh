@@ -7,11 +7,8 @@
 #   OUT=outputs/gpu-tier benchmarks/gpu_tier.sh
 #   ONLY="tests distill" benchmarks/gpu_tier.sh   # just these steps: tests demo-latency fp16-latency longform distill
 #                                                 # recipe-hour
-# On a machine whose Python lacks some of them, install wheels into a target dir first and put it on PYTHONPATH.
-# The H200 image (torch 2.11, transformers, timm, peft, pyarrow, numba, scikit-learn there) needed, as wheels for
-# CPython 3.12: diffusers==0.42.1 boto3 botocore s3transfer jmespath soundfile cffi pycparser importlib_metadata
-# librosa==0.11.0 audioread decorator pooch soxr platformdirs pretty_midi mido importlib_resources tinysoundfont
-# (versions as in this project's venv).
+# On a machine whose Python lacks some of them (the H200 image did), benchmarks/gpu_wheels.sh downloads the wheels
+# here; install them there into a target dir and put it on PYTHONPATH (the usage line in gpu_wheels.sh).
 set -u
 OUT=${OUT:-outputs/gpu-tier}
 PY=${PYTHON:-python3}
