@@ -132,14 +132,19 @@ def test_min_snr_weighting_reduces_to_plain_mse_and_changes_training_when_active
     assert not torch.allclose(first_weight(snr_gamma=0.1), plain)
 
 
-def test_teacher_probe_reports_attribute_accuracy(work):
+def test_teacher_probe_reports_attribute_accuracy_and_fd(work):
+    heldout = work / "data" / "heldout"
     cmd = [sys.executable, "benchmarks/teacher_probe.py", str(work / "teacher"), "--prompts",
-           str(work / "data" / "heldout" / "prompts.parquet"), "--classifier", str(work / "classifier"),
-           "--limit", "3", "--steps", "2", "--batch-size", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+           str(heldout / "prompts.parquet"), "--classifier", str(work / "classifier"), "--limit", "3", "--steps", "2",
+           "--batch-size", "2"]
+    r = subprocess.run([*cmd, "--reference", str(heldout / "manifest.parquet"), "--spacing", "trailing"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
-    assert (row["steps"], row["clips"]) == (2, 3)
+    assert (row["steps"], row["clips"], row["spacing"]) == (2, 3, "trailing")
     acc = row["accuracy"]
     assert set(acc) == {"instrument", "tempo", "mode", "drums", "mean"}
     assert all(v in {0.0, 33.3, 66.7, 100.0} for k, v in acc.items() if k != "mean")
+    assert isinstance(row["fd_cls"], float) and row["fd_cls"] >= 0
+    r = subprocess.run([*cmd, "--reference", ""], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "fd_cls" not in json.loads(r.stdout.strip().splitlines()[-1])
