@@ -55,6 +55,11 @@ def test_solver_timesteps_on_the_grid():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(ValueError, match="k_skip"):
         losses.sample_solver_timesteps(2, 0, None)
+    start, prev = losses.sample_solver_timesteps(2000, 5, g, max_timestep=599)
+    assert set(start.tolist()) == {t for t in grid if t <= 599}  # the cut grid, all of it
+    assert torch.equal(prev, (start - 100).clamp(min=0))
+    with pytest.raises(ValueError, match="below the solver grid"):
+        losses.sample_solver_timesteps(2, 1, None, max_timestep=10)
 
 
 def test_solver_target_equals_hand_computed_guided_ddim(alphas):

@@ -82,6 +82,7 @@ def test_config_round_trip_and_validation():
         ({"mixed_precision": "fp8"}, "bf16"), ({"ema_rate": 1.0}, "ema_rate"), ({"feature_network": "vgg"}, "clap"),
         ({"disc_layers": ()}, "disc_layers"), ({"validation_steps": (0,)}, "validation_steps"),
         ({"name": "a/b"}, "name"), ({"adv_weight": 0.0, "distill_weight": 0.0}, "distill_weight"),
+        ({"max_train_timestep": 5}, "integer in 19..999"), ({"max_train_timestep": 1000}, "max_train_timestep"),
     ]:
         with pytest.raises(ValueError, match=words) as info:
             dataclasses.replace(cfg, **change).validate()

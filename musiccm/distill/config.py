@@ -50,6 +50,9 @@ class DistillConfig:
     # --- consistency distillation (DESIGN.md §3)
     num_ddim_timesteps: int = 50
     k_skip: int = 1  # AudioLCM multi-step solver: t_n = t_{n+k} − 20·k
+    # Highest t_{n+k} the solver samples (None = the whole grid, up to 999): a student that will only ever be
+    # sampled from t ≤ T (GenerationConfig.max_timestep) spends no training on the noisiest, hardest part.
+    max_train_timestep: int | None = None
     w: float = 2.0  # LCM convention; diffusers guidance_scale = w + 1 = 3.0
     w_min: float | None = None  # [w_min, w_max] ⇒ student gets a guidance embedding (time_cond_proj_dim=256)
     w_max: float | None = None
@@ -159,6 +162,10 @@ class DistillConfig:
              1000 % self.num_ddim_timesteps == 0, "num_ddim_timesteps", "an integer in 1..1000 that divides 1000")
         need(integer(self.k_skip) and 1 <= self.k_skip < self.num_ddim_timesteps, "k_skip",
              f"an integer in 1..{self.num_ddim_timesteps - 1}")
+        first = 1000 // self.num_ddim_timesteps - 1
+        need(self.max_train_timestep is None or (integer(self.max_train_timestep) and
+             first <= self.max_train_timestep <= 999), "max_train_timestep",
+             f"None (the whole grid) or an integer in {first}..999 (the solver grid starts at t = {first})")
         need(finite(self.w) and self.w >= 0, "w", "a float >= 0 (LCM convention; diffusers guidance_scale = w + 1)")
         need((self.w_min is None) == (self.w_max is None), "w_min", "set both w_min and w_max, or neither")
         if self.has_w_range:

@@ -243,7 +243,8 @@ class Distiller:
         b = x0.shape[0]
         # 1. Randomness of this step: noise, solver interval (t_{n+k}, t_n), guidance weights.
         noise = randn(x0.shape, gen, self.device)
-        t, t_prev = sample_solver_timesteps(b, cfg.k_skip, gen, len(self.alphas), cfg.num_ddim_timesteps)
+        t, t_prev = sample_solver_timesteps(b, cfg.k_skip, gen, len(self.alphas), cfg.num_ddim_timesteps,
+                                            cfg.max_train_timestep)
         t, t_prev = t.to(self.device), t_prev.to(self.device)
         w = sample_guidance(b, cfg.w, cfg.w_min, cfg.w_max, gen).to(self.device)
         lr, disc_lr = self.set_lr()

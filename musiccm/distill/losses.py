@@ -28,14 +28,20 @@ def sample_solver_timesteps(
     generator: torch.Generator | None,
     num_train_timesteps: int = 1000,
     num_ddim_timesteps: int = 50,
+    max_timestep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t_{n+k}, t_n), each (B,) long: t_{n+k} = grid[n] with n uniform, t_n = max(t_{n+k} − ratio·k, 0).
 
-    Grid [19, 39, …, 999] for 1000/50 (DESIGN.md §3); ``k_skip`` > 1 is AudioLCM's multi-step solver.
+    Grid [19, 39, …, 999] for 1000/50 (DESIGN.md §3), cut to t ≤ ``max_timestep`` when given; ``k_skip`` > 1 is
+    AudioLCM's multi-step solver.
     """
     if k_skip < 1:
         raise ValueError(f"k_skip must be >= 1, got {k_skip}")
     grid = torch.tensor(solver_grid(num_train_timesteps, num_ddim_timesteps), dtype=torch.long)
+    if max_timestep is not None:
+        grid = grid[grid <= max_timestep]
+        if len(grid) == 0:
+            raise ValueError(f"max_timestep {max_timestep} is below the solver grid's first timestep")
     n = torch.randint(0, len(grid), (batch,), generator=generator)
     start = grid[n]
     prev = (start - (num_train_timesteps // num_ddim_timesteps) * k_skip).clamp(min=0)

@@ -43,6 +43,8 @@ HELP: dict[str, str] = {
     "lora_rank": "0 = full fine-tuning of the student UNet; > 0 = LCM-LoRA adapters of this rank",
     "num_ddim_timesteps": "DDIM solver grid size (50: t = 19, 39, ..., 999)",
     "k_skip": "solver skip k (AudioLCM multi-step solver): t_n = t_{n+k} - (1000/grid)*k",
+    "max_train_timestep": "highest solver timestep t_{n+k} trained on (default: the whole grid, up to 999); for a "
+    "student that will be sampled with --max-timestep at or below it",
     "w": "teacher guidance weight in the LCM/MusicCM convention (x = x + (1+w)*eps(c) - w*eps(none)); "
     "diffusers guidance_scale = w + 1, so the default w=2 is guidance_scale 3.0 and MusicLDM's default "
     "guidance_scale 2.0 is w=1",
