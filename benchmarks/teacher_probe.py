@@ -40,6 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=64, help="first N prompts (default 64)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own)")
+    p.add_argument("--max-timestep", type=int, default=None,
+                   help="students only: first sampling timestep (default: the model's own, else 999)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="teachers only: DDIM timestep_spacing (default: the model's scheduler config; diffusers' "
                         "'leading' starts 50 steps at t = 981 and 4 at 751, 'trailing' starts both at 999)")
@@ -61,7 +63,7 @@ def reference_embeddings(manifest: str, ids: list[str], judge) -> np.ndarray:
 
 
 def probe(model_dir: str, rows: list[dict], judge, steps: int | None, guidance: float | None, batch: int,
-          spacing: str | None = None, ref: np.ndarray | None = None) -> dict:
+          spacing: str | None = None, ref: np.ndarray | None = None, max_timestep: int | None = None) -> dict:
     """Attribute accuracy (per head and mean), and FD_cls against ``ref``, of one model's clips for ``rows``."""
     from musiccm import model
     from musiccm.evaluation.metrics import frechet_distance
@@ -73,7 +75,9 @@ def probe(model_dir: str, rows: list[dict], judge, steps: int | None, guidance: 
             raise SystemExit(f"--spacing applies to DDIM teachers; {model_dir} is a consistency student")
         components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
                                                                       timestep_spacing=spacing)
-    gen = MusicCM(components, GenerationConfig(steps=steps, guidance_scale=guidance))
+    if max_timestep is not None and not components.is_consistency:
+        raise SystemExit(f"--max-timestep applies to consistency students; {model_dir} samples with DDIM")
+    gen = MusicCM(components, GenerationConfig(steps=steps, guidance_scale=guidance, max_timestep=max_timestep))
     duration = gen.c.geometry.native_duration
     hits = {k: 0 for k in judge.net.classes}
     embeddings = []
@@ -89,6 +93,7 @@ def probe(model_dir: str, rows: list[dict], judge, steps: int | None, guidance: 
     acc = {k: round(100 * v / len(rows), 1) for k, v in hits.items()}
     acc["mean"] = round(sum(acc.values()) / len(hits), 1)
     result = {"model": model_dir, "steps": gen.config.steps, "guidance": gen.config.guidance_scale,
+              "max_timestep": gen.config.max_timestep,
               "spacing": components.scheduler.config.get("timestep_spacing") if not components.is_consistency else None,
               "clips": len(rows), "seconds": round(time.perf_counter() - start, 1), "accuracy": acc}
     if ref is not None:
@@ -111,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     judge = Classifier(args.classifier)
     ref = reference_embeddings(args.reference, [r["id"] for r in rows], judge) if args.reference else None
     for m in args.models:
-        print(json.dumps(probe(m, rows, judge, args.steps, args.guidance, args.batch_size, args.spacing, ref)),
-              flush=True)
+        print(json.dumps(probe(m, rows, judge, args.steps, args.guidance, args.batch_size, args.spacing, ref,
+                               args.max_timestep)), flush=True)
     return 0
 
 
