@@ -86,8 +86,9 @@ def measure(size: str, adv: bool, device: str, batch: int, steps: int, warmup: i
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for p in distiller.student_module.parameters() if p.requires_grad)
-    return {"size": size, "adv": adv, "device": device, "precision": precision if device.startswith("cuda") else "no",
-            "batch": batch, "steps": steps, "build_s": build_s,
+    ran_in = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(distiller.amp_dtype, "no")  # the distiller's choice
+    return {"size": size, "adv": adv, "device": device, "precision": ran_in, "batch": batch, "steps": steps,
+            "build_s": build_s,
             "trainable_m": trainable / 1e6, "prep_s": prep_s / steps, "train_s": train_s / steps,
             "samples_per_s": batch * steps / (prep_s + train_s), "train_samples_per_s": batch * steps / train_s,
             "peak_mb": peak, "distill_loss": metrics["distill_loss"], "threads": torch.get_num_threads()}
@@ -98,7 +99,7 @@ def table(rows: list[dict]) -> str:
             "| samples/s per worker | train-only samples/s | peak memory |\n" + "|---" * 12 + "|\n")
     mem = "RSS" if rows and rows[0]["device"] == "cpu" else "CUDA alloc"
     return head + "".join(
-        f"| {r['size']} | {'with' if r['adv'] else 'without'} | {r['device']} | {r.get('precision', 'no')} "
+        f"| {r['size']} | {'with' if r['adv'] else 'without'} | {r['device']} | {r['precision']} "
         f"| {r['threads']} | {r['batch']} "
         f"| {r['trainable_m']:.1f} M | {r['prep_s']:.3f} | {r['train_s']:.3f} | {r['samples_per_s']:.3f} "
         f"| {r['train_samples_per_s']:.3f} "
