@@ -148,5 +148,10 @@ def test_teacher_probe_reports_attribute_accuracy_and_fd(work):
     assert isinstance(row["fd_cls"], float) and row["fd_cls"] >= 0
     r = subprocess.run([*cmd, "--reference", ""], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "fd_cls" not in json.loads(r.stdout.strip().splitlines()[-1])
-    r = subprocess.run([*cmd, "--max-timestep", "599"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # every call names its reference: the default (outputs/demo/...) exists only where the recipe has run
+    r = subprocess.run([*cmd, "--reference", "", "--max-timestep", "599"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode != 0 and "--max-timestep applies to consistency students" in r.stderr
+    r = subprocess.run([*cmd, "--reference", str(work / "missing.parquet")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "missing.parquet: no such file" in r.stderr
