@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,22 +31,23 @@ import pyarrow.parquet as pq
 from report import header, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-# (label, which model, steps, guidance_scale or None, first-timestep rule, row name); guidance 3.0 = the w=2 the
-# student was distilled with (diffusers convention), so the teacher rows show what the student imitates. The rule
-# "max" = --max-timestep (students), "lcm" = LCMScheduler's own timesteps from t = 999, None = DDIM (teacher).
+# (label, which model, steps, classifier-free guidance?, first-timestep rule, row name). Guided rows sample with
+# --teacher-guidance (default 3.0 = the w = 2 the student was distilled with, diffusers convention), so the teacher
+# rows show what the student imitates. The rule "max" = --max-timestep (students), "lcm" = LCMScheduler's own
+# timesteps from t = 999, None = DDIM (teacher).
 CONFIGS = (
-    ("teacher-ddim50", "teacher", 50, 3.0, None, "Teacher (DDIM + CFG)"),
-    ("teacher-ddim4", "teacher", 4, 3.0, None, "Teacher (DDIM + CFG)"),
-    ("student-1", "student", 1, None, "max", "Student (MusicCM)"),
-    ("student-2", "student", 2, None, "max", "Student (MusicCM)"),
-    ("student-4", "student", 4, None, "max", "Student (MusicCM)"),
-    ("student-6", "student", 6, None, "max", "Student (MusicCM)"),
-    ("student-1-t999", "student", 1, None, "lcm", "Student, LCM timesteps from t=999"),
-    ("student-4-t999", "student", 4, None, "lcm", "Student, LCM timesteps from t=999"),
-    ("noadv-1", "student_noadv", 1, None, "max", "Student w/o L_adv"),
-    ("noadv-2", "student_noadv", 2, None, "max", "Student w/o L_adv"),
-    ("noadv-4", "student_noadv", 4, None, "max", "Student w/o L_adv"),
-    ("noadv-6", "student_noadv", 6, None, "max", "Student w/o L_adv"),
+    ("teacher-ddim50", "teacher", 50, True, None, "Teacher (DDIM + CFG)"),
+    ("teacher-ddim4", "teacher", 4, True, None, "Teacher (DDIM + CFG)"),
+    ("student-1", "student", 1, False, "max", "Student (MusicCM)"),
+    ("student-2", "student", 2, False, "max", "Student (MusicCM)"),
+    ("student-4", "student", 4, False, "max", "Student (MusicCM)"),
+    ("student-6", "student", 6, False, "max", "Student (MusicCM)"),
+    ("student-1-t999", "student", 1, False, "lcm", "Student, LCM timesteps from t=999"),
+    ("student-4-t999", "student", 4, False, "lcm", "Student, LCM timesteps from t=999"),
+    ("noadv-1", "student_noadv", 1, False, "max", "Student w/o L_adv"),
+    ("noadv-2", "student_noadv", 2, False, "max", "Student w/o L_adv"),
+    ("noadv-4", "student_noadv", 4, False, "max", "Student w/o L_adv"),
+    ("noadv-6", "student_noadv", 6, False, "max", "Student w/o L_adv"),
 )
 LABEL_HEADS = ("instrument", "tempo", "mode", "drums")
 
@@ -65,6 +67,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/quality", help="work directory (default %(default)s)")
     p.add_argument("--configs", nargs="+", default=[c[0] for c in CONFIGS], choices=[c[0] for c in CONFIGS],
                    help="rows to run (default: all)")
+    p.add_argument("--teacher-guidance", type=float, default=3.0,
+                   help="the teacher rows' classifier-free guidance scale (diffusers convention, = w + 1 of the "
+                        "distillation; default %(default)s, the w = 2 of recipes/demo/distill.sh)")
     p.add_argument("--max-timestep", type=int, default=None,
                    help="students' highest sampling timestep for the rows that use it (default: each model's own "
                         "setting in model_index.json, else 999); the *-t999 rows always start at 999")
@@ -77,7 +82,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--title", default="Demo quality (Table 1 layout): teacher vs distilled student",
                    help="title of the RESULTS.md section (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (math.isfinite(args.teacher_guidance) and args.teacher_guidance >= 1):
+        p.error(f"--teacher-guidance must be a finite number >= 1 (1 = no guidance), got {args.teacher_guidance}")
+    return args
 
 
 def run(cmd: list[str]) -> None:
@@ -188,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts, ref = inputs(args, out)
     models = {"teacher": args.teacher, "student": args.student, "student_noadv": args.student_noadv}
     rows: dict[str, dict] = {}
-    for label, which, steps, guidance, rule, name in CONFIGS:
+    for label, which, steps, guided, rule, name in CONFIGS:
         if label not in args.configs:
             continue
         if not os.path.isdir(models[which]):
             print(f"skipping {label}: {models[which]} does not exist", flush=True)
             continue
         max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
+        guidance = args.teacher_guidance if guided else None
         metrics = one_row(args, label, models[which], steps, guidance, max_t, prompts, ref, out)
         rows[label] = {**metrics, "steps": steps, "name": name, "max_timestep": max_t}
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
@@ -202,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     first = args.max_timestep if args.max_timestep is not None else "each model's own setting"
     text = (header(args.title, "quality.py", argv)
             + f"{pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s clips; latency: one clip at "
-            f"batch size 1 in this process; student rows' first timestep: "
-            f"{first} unless named\n\n"
+            f"batch size 1 in this process; teacher rows' guidance scale {args.teacher_guidance:g}; student rows' "
+            f"first timestep: {first} unless named\n\n"
             f"{table(rows)}\nClassifier accuracy on the real reference clips: "
             f"{json.dumps(reference)}\n")
     publish(text, args.write)

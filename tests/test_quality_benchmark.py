@@ -26,7 +26,8 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_teacher_dir, tiny_stud
     cmd = [sys.executable, "benchmarks/quality.py", "--teacher", tiny_teacher_dir, "--student", tiny_student_dir,
            "--student-noadv", str(tmp_path / "missing"), "--prompts", prompts, "--reference", reference,
            "--classifier", str(tmp_path / "classifier"), "--out", str(out), "--configs", "teacher-ddim4",
-           "student-1", "noadv-1", "--limit", "3", "--latency-runs", "1", "--batch-size", "3"]
+           "student-1", "noadv-1", "--limit", "3", "--latency-runs", "1", "--batch-size", "3",
+           "--teacher-guidance", "4.5"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "skipping noadv-1" in r.stdout  # a missing ablation model is reported, not fatal
@@ -41,11 +42,19 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_teacher_dir, tiny_stud
     # the generations really used the requested samplers
     import pyarrow.parquet as pq
 
-    steps = pq.read_table(out / "gen" / "teacher-ddim4" / "metrics").column("steps").to_pylist()
-    assert steps == [4, 4, 4]
+    generated = pq.read_table(out / "gen" / "teacher-ddim4" / "metrics")
+    assert generated.column("steps").to_pylist() == [4, 4, 4]
+    assert generated.column("guidance_scale").to_pylist() == [4.5, 4.5, 4.5]
+    assert "teacher rows' guidance scale 4.5" in r.stdout
 
     # a rerun with --reuse keeps rows made from the same model, settings and prompts
     again = subprocess.run([*cmd[:cmd.index("--configs")], "--configs", "student-1", "--limit", "3", "--latency-runs",
                             "1", "--batch-size", "3", "--reuse"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "reusing student-1" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((out / "rows.json").read_text())["student-1"]["metrics"] == rows["student-1"]["metrics"]
+
+
+def test_quality_benchmark_rejects_a_guidance_below_one():
+    r = subprocess.run([sys.executable, "benchmarks/quality.py", "--teacher-guidance", "0.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--teacher-guidance must be a finite number >= 1" in r.stderr
