@@ -33,7 +33,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    "2.0; used by students with a guidance embedding (default 3.0), ignored by others")
     p.add_argument("--max-timestep", type=int, default=None,
                    help="students: highest sampling timestep, 0..999 (default: the model's own setting in "
-                   "model_index.json, else LCM's 999; the bundled demo student uses 599)")
+                   "model_index.json, else LCM's 999; the bundled demo student uses 699)")
     p.add_argument("--out", required=True, help="output file, .flac or .wav (16-bit PCM), written atomically")
     p.add_argument("--hop-frames", type=int, default=None,
                    help="crop-fusion hop in latent frames (default 3/4 of the native window)")

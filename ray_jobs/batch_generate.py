@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
       "guidance_scale, default 2.0); for a hub-id model the default is the model's own, chosen once loaded")
     a("--default-format", choices=["flac", "wav"], default="flac", help="audio format for rows without `format`")
     a("--max-timestep", type=int, default=None, help="distilled students: highest sampling timestep, 0..999 "
-      "(default: the model's own setting in model_index.json, else LCM's 999; the bundled demo student uses 599)")
+      "(default: the model's own setting in model_index.json, else LCM's 999; the bundled demo student uses 699)")
     a("--metrics-rows-per-shard", type=int, default=1000, help="metric rows per Parquet shard (default 1000)")
     a("--metrics-flush-s", type=float, default=60.0, help="also write a metric shard at least this often, so an "
       "interrupted driver loses little (default 60)")

@@ -585,7 +585,7 @@ def test_batch_job_with_a_ddim_teacher(tiny_teacher_dir: str, tmp_path: Path, ca
 
 
 def test_generator_stage_samples_below_the_configured_max_timestep(tmp_path: Path, one_thread: None) -> None:
-    """--max-timestep reaches the sampler; without it the model's own setting (the demo student's 599) applies."""
+    """--max-timestep reaches the sampler; without it the model's own setting (the demo student's 699) applies."""
     from musiccm import model
     from musiccm.pipeline import GenerationConfig, MusicCM
 
@@ -599,8 +599,8 @@ def test_generator_stage_samples_below_the_configured_max_timestep(tmp_path: Pat
         assert row["error"] is None
         written[max_t] = sf.read(out / "audio" / "a.wav", dtype="float32")[0]
     c = model.load(DEFAULT_MODEL)
-    assert c.extra["max_timestep"] == 599
-    expected = MusicCM(c, GenerationConfig(steps=2, max_timestep=599)).generate(
+    assert c.extra["max_timestep"] == 699
+    expected = MusicCM(c, GenerationConfig(steps=2, max_timestep=699)).generate(
         ["a fast trumpet melody with a rock drum beat"], c.geometry.native_duration, [5]).waveforms[0]
     assert np.abs(expected).max() > 0.05  # real audio, so 16-bit rounding cannot hide a difference
     assert np.abs(written[None] - expected).max() <= 1.5 / 32768  # 16-bit PCM rounding
