@@ -31,23 +31,23 @@ import pyarrow.parquet as pq
 from report import header, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-# (label, which model, steps, classifier-free guidance?, first-timestep rule, row name). Guided rows sample with
-# --teacher-guidance (default 3.0 = the w = 2 the student was distilled with, diffusers convention), so the teacher
-# rows show what the student imitates. The rule "max" = --max-timestep (students), "lcm" = LCMScheduler's own
+# (label, which model, steps, first-timestep rule, row name). The teacher rows sample with classifier-free guidance
+# --teacher-guidance (default 3.0 = the w = 2 the student was distilled with, diffusers convention), so they show
+# what the student imitates. The rule "max" = --max-timestep (students), "lcm" = LCMScheduler's own
 # timesteps from t = 999, None = DDIM (teacher).
 CONFIGS = (
-    ("teacher-ddim50", "teacher", 50, True, None, "Teacher (DDIM + CFG)"),
-    ("teacher-ddim4", "teacher", 4, True, None, "Teacher (DDIM + CFG)"),
-    ("student-1", "student", 1, False, "max", "Student (MusicCM)"),
-    ("student-2", "student", 2, False, "max", "Student (MusicCM)"),
-    ("student-4", "student", 4, False, "max", "Student (MusicCM)"),
-    ("student-6", "student", 6, False, "max", "Student (MusicCM)"),
-    ("student-1-t999", "student", 1, False, "lcm", "Student, LCM timesteps from t=999"),
-    ("student-4-t999", "student", 4, False, "lcm", "Student, LCM timesteps from t=999"),
-    ("noadv-1", "student_noadv", 1, False, "max", "Student w/o L_adv"),
-    ("noadv-2", "student_noadv", 2, False, "max", "Student w/o L_adv"),
-    ("noadv-4", "student_noadv", 4, False, "max", "Student w/o L_adv"),
-    ("noadv-6", "student_noadv", 6, False, "max", "Student w/o L_adv"),
+    ("teacher-ddim50", "teacher", 50, None, "Teacher (DDIM + CFG)"),
+    ("teacher-ddim4", "teacher", 4, None, "Teacher (DDIM + CFG)"),
+    ("student-1", "student", 1, "max", "Student (MusicCM)"),
+    ("student-2", "student", 2, "max", "Student (MusicCM)"),
+    ("student-4", "student", 4, "max", "Student (MusicCM)"),
+    ("student-6", "student", 6, "max", "Student (MusicCM)"),
+    ("student-1-t999", "student", 1, "lcm", "Student, LCM timesteps from t=999"),
+    ("student-4-t999", "student", 4, "lcm", "Student, LCM timesteps from t=999"),
+    ("noadv-1", "student_noadv", 1, "max", "Student w/o L_adv"),
+    ("noadv-2", "student_noadv", 2, "max", "Student w/o L_adv"),
+    ("noadv-4", "student_noadv", 4, "max", "Student w/o L_adv"),
+    ("noadv-6", "student_noadv", 6, "max", "Student w/o L_adv"),
 )
 LABEL_HEADS = ("instrument", "tempo", "mode", "drums")
 
@@ -196,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts, ref = inputs(args, out)
     models = {"teacher": args.teacher, "student": args.student, "student_noadv": args.student_noadv}
     rows: dict[str, dict] = {}
-    for label, which, steps, guided, rule, name in CONFIGS:
+    for label, which, steps, rule, name in CONFIGS:
         if label not in args.configs:
             continue
         if not os.path.isdir(models[which]):
             print(f"skipping {label}: {models[which]} does not exist", flush=True)
             continue
         max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
-        guidance = args.teacher_guidance if guided else None
+        guidance = args.teacher_guidance if which == "teacher" else None
         metrics = one_row(args, label, models[which], steps, guidance, max_t, prompts, ref, out)
         rows[label] = {**metrics, "steps": steps, "name": name, "max_timestep": max_t}
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
