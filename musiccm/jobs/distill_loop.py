@@ -178,8 +178,15 @@ def maybe_fail(spec: JobSpec, rank: int, step: int) -> None:
     """TEST HOOK (off unless the driver saw ``MUSICCM_DISTILL_FAIL_AT=RANK:STEP``): raise once at that point.
 
     "Once" is remembered by a marker object under ``{run}/test-hooks/`` so the restarted worker passes.
+    All ranks first meet at a barrier, so every rank has handed its previous report to Ray Train before the
+    failure: otherwise a fast rank can fail while rank 0 is still uploading the last checkpoint, the controller
+    sees the error before rank 0's report, and the restart begins from an older checkpoint than the test expects.
     """
-    if spec.fail_at is None or (rank, step) != tuple(spec.fail_at):
+    if spec.fail_at is None or step != spec.fail_at[1]:
+        return
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != spec.fail_at[0]:
         return
     marker = storage.join(spec.run, "test-hooks", f"failed-rank{rank}-step{step}")
     if storage.exists(marker):
