@@ -61,6 +61,7 @@ def describe(report: dict) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_both_jobs_succeed_with_the_manifest_entrypoints(report):
     assert report["_returncode"] == 0 and report["ok"], describe(report)
     assert set(report["jobs"]) == {"batch", "distill"}
@@ -71,12 +72,14 @@ def test_both_jobs_succeed_with_the_manifest_entrypoints(report):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_two_distinct_nodes(report):
     nodes = report["nodes"]
     assert set(nodes) == {"head", "node2"} and len(set(nodes.values())) == 2, nodes
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_batch_results_on_s3_and_metric_rows_from_both_nodes(report):
     checks = report["jobs"]["batch"]["checks"]
     rows = report["inputs"]["prompts"]
@@ -86,6 +89,7 @@ def test_batch_results_on_s3_and_metric_rows_from_both_nodes(report):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_distillation_checkpoints_export_and_train_workers_on_both_nodes(report):
     checks = report["jobs"]["distill"]["checks"]
     assert checks["status"] == "ok" and checks["step"] == 2, checks
@@ -97,5 +101,6 @@ def test_distillation_checkpoints_export_and_train_workers_on_both_nodes(report)
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_nothing_left_running(report):
     assert report["_leftovers"] == [], report["_leftovers"]
