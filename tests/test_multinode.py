@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def leftover_processes(workdir: Path) -> list[str]:
@@ -60,8 +61,6 @@ def describe(report: dict) -> str:
     return json.dumps(report, indent=1)[-6000:]
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_both_jobs_succeed_with_the_manifest_entrypoints(report):
     assert report["_returncode"] == 0 and report["ok"], describe(report)
     assert set(report["jobs"]) == {"batch", "distill"}
@@ -71,15 +70,11 @@ def test_both_jobs_succeed_with_the_manifest_entrypoints(report):
         assert argv[:2] == ["python", scripts[job]] and res["returncode"] == 0, res.get("log_tail")
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_two_distinct_nodes(report):
     nodes = report["nodes"]
     assert set(nodes) == {"head", "node2"} and len(set(nodes.values())) == 2, nodes
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_batch_results_on_s3_and_metric_rows_from_both_nodes(report):
     checks = report["jobs"]["batch"]["checks"]
     rows = report["inputs"]["prompts"]
@@ -88,8 +83,6 @@ def test_batch_results_on_s3_and_metric_rows_from_both_nodes(report):
     assert all(n >= 1 for n in checks["rows_per_node"].values()) and sum(checks["rows_per_node"].values()) == rows
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_distillation_checkpoints_export_and_train_workers_on_both_nodes(report):
     checks = report["jobs"]["distill"]["checks"]
     assert checks["status"] == "ok" and checks["step"] == 2, checks
@@ -100,7 +93,5 @@ def test_distillation_checkpoints_export_and_train_workers_on_both_nodes(report)
     assert set(checks["train_worker_node_ids"]) == set(report["nodes"].values()), checks
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_nothing_left_running(report):
     assert report["_leftovers"] == [], report["_leftovers"]
