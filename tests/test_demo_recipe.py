@@ -26,7 +26,7 @@ def work(tmp_path_factory) -> Path:
     cmd = [sys.executable, "recipes/demo/train.py", "--work", str(work), "--train-clips", "24", "--heldout-clips",
            "4", "--vae-steps", "3", "--vocoder-steps", "3", "--clap-steps", "3", "--teacher-steps", "3",
            "--classifier-steps", "3", "--teacher-more-steps", "2", "--threads", "1", "--vocoder", "hifigan",
-           "--teacher-snr-gamma", "5", "--teacher-ema-rate", "0.99"]
+           "--teacher-snr-gamma", "5", "--teacher-ema-rate", "0.99", "--clap-text-warmup-steps", "2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work
@@ -44,6 +44,7 @@ def test_stages_write_a_musicldm_layout_teacher(work):
     assert out.waveforms.shape == (1, 48000) and np.isfinite(out.waveforms).all()
     saved = json.loads((work / "teacher_recipe.json").read_text())
     assert (saved["teacher_steps"], saved["teacher_snr_gamma"], saved["teacher_ema_rate"]) == (3, 5.0, 0.99)
+    assert saved["clap_text_warmup_steps"] == 2
     assert [p["steps"] for p in teacher.extra["phases"]] == [3, 2]  # trained, then continued once
 
 
@@ -107,12 +108,15 @@ def test_presets_and_overrides():
     assert full == recipe.RecipeConfig() and full.work == "outputs/demo"
     assert hour.work == "outputs/demo-hour" and hour.teacher_steps == 7 and hour.teacher_more_steps == 0
     assert hour.vae_steps < full.vae_steps and hour.seed == full.seed
+    assert (full.clap_text_warmup_steps, hour.clap_text_warmup_steps) == (0, 1500)
     with pytest.raises(ValueError, match="unknown preset 'day'; allowed: \\['full', 'hour'\\]"):
         recipe.preset("day")
     with pytest.raises(ValueError, match="teacher_snr_gamma must be ≥ 0"):
         recipe.preset("hour", teacher_snr_gamma=-1.0)
     with pytest.raises(ValueError, match="teacher_ema_rate must be in \\[0, 1\\)"):
         recipe.preset("hour", teacher_ema_rate=1.0)
+    with pytest.raises(ValueError, match="clap_text_warmup_steps must be ≥ 0"):
+        recipe.preset("hour", clap_text_warmup_steps=-1)
 
 
 def test_min_snr_weighting_reduces_to_plain_mse_and_changes_training_when_active():
@@ -155,3 +159,36 @@ def test_teacher_probe_reports_attribute_accuracy_and_fd(work):
     r = subprocess.run([*cmd, "--reference", str(work / "missing.parquet")], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode != 0 and "missing.parquet: no such file" in r.stderr
+
+
+def test_text_warmup_trains_only_the_text_tower_to_read_the_labels(tmp_path):
+    from transformers import ClapConfig, ClapModel
+
+    from musiccm import synthetic
+    from musiccm.demo.train_clap import warm_up_text
+    from musiccm.external import _features
+
+    torch.manual_seed(0)
+    params, captions = zip(*(synthetic.clip(i, seed=0) for i in range(32)), strict=True)
+    labels = {name: torch.tensor([classes.index(getattr(p, name)) for p in params])
+              for name, classes in synthetic.CLASSES.items()}
+    tokenizer = architecture.train_tokenizer(list(captions), tmp_path / "tokenizer")
+    tokens = tokenizer(list(captions), padding="max_length", truncation=True, max_length=architecture.TEXT_MAX_LENGTH,
+                       return_tensors="pt")
+    clap = ClapModel(ClapConfig(**architecture.clap_config(len(tokenizer))))
+    probes = torch.nn.ModuleDict({name: torch.nn.Linear(512, 2 * len(c)) for name, c in synthetic.CLASSES.items()})
+    audio_before = [p.detach().clone() for p in clap.audio_model.parameters()]
+    text_before = [p.detach().clone() for p in clap.text_model.parameters()]
+
+    def text_loss() -> float:
+        with torch.no_grad():
+            t = _features(clap.get_text_features(**tokens))
+            return sum(torch.nn.functional.cross_entropy(probes[name](t)[:, len(c):], labels[name]).item()
+                       for name, c in synthetic.CLASSES.items())
+
+    before = text_loss()
+    warm_up_text(clap, probes, tokens, labels, steps=100, batch=16, lr=3e-3, g=torch.Generator().manual_seed(0),
+                 device="cpu")
+    assert text_loss() < 0.7 * before
+    assert all(torch.equal(a, b) for a, b in zip(audio_before, clap.audio_model.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(text_before, clap.text_model.parameters(), strict=True))
