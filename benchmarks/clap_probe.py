@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("models", nargs="+", help="model directories (MusicLDM layout, with a CLAP text_encoder)")
     p.add_argument("--reference", default=DEFAULT_REFERENCE,
                    help=f"held-out clips: manifest with caption, uri and label columns (default {DEFAULT_REFERENCE})")
-    p.add_argument("--batch-size", type=int, default=64, help="items per CLAP call (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="captions per CLAP text call (default 64)")
     return p.parse_args(argv)
 
 
@@ -46,17 +47,15 @@ def centroid_accuracy(train: torch.Tensor, train_labels: np.ndarray, test: torch
     return float(np.mean(predicted == test_labels))
 
 
-def probe(model_dir: str, rows: list[dict], waves: list[np.ndarray], sample_rate: int, batch: int) -> dict:
+def probe(model_dir: str, rows: list[dict], clips: list[tuple[np.ndarray, int]], batch: int) -> dict:
     from musiccm import external, model
 
     c = model.load(model_dir)
-    if c.text_encoder is None:
-        raise ValueError(f"{model_dir}: no CLAP text_encoder to probe")
-    with torch.no_grad():
-        text = torch.cat([external.encode_text(c, [r["caption"] for r in rows[i : i + batch]])[0].cpu()
-                          for i in range(0, len(rows), batch)])
-        audio = torch.cat([external.encode_audio(c, waves[i : i + batch], sample_rate).cpu()
-                           for i in range(0, len(rows), batch)])
+    if c.text_encoder is None or c.feature_extractor is None:
+        raise ValueError(f"{model_dir}: no CLAP (text_encoder and feature_extractor) to probe")
+    text = torch.cat([external.encode_text(c, [r["caption"] for r in rows[i : i + batch]])[0].cpu()
+                      for i in range(0, len(rows), batch)])
+    audio = torch.cat([external.encode_audio(c, [wave], rate).cpu() for wave, rate in clips])
     half = len(rows) // 2
     out: dict = {"model": model_dir, "clips": len(rows)}
     for name in ATTRIBUTES:
@@ -72,7 +71,8 @@ def probe(model_dir: str, rows: list[dict], waves: list[np.ndarray], sample_rate
 
 def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
-    import soundfile as sf
+
+    from musiccm.evaluation.features import decode
 
     args = parse(argv)
     rows = pq.read_table(args.reference).to_pylist()
@@ -80,17 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if not rows or missing:
         raise SystemExit(f"{args.reference}: need rows with columns caption, uri, {', '.join(ATTRIBUTES)}; "
                          f"missing {missing or 'all rows'}")
-    clips = [sf.read(r["uri"], dtype="float32") for r in rows]
-    rates = {rate for _, rate in clips}
-    if len(rates) != 1:
-        raise SystemExit(f"{args.reference}: clips have several sample rates {sorted(rates)}; need one")
-    rate = rates.pop()
-    waves = [w if w.ndim == 1 else w.mean(1) for w, _ in clips]
+    clips = [(wave.mean(0).numpy(), rate) for wave, rate in (decode(Path(r["uri"]).read_bytes()) for r in rows)]
     print("| model | attribute | text → text | audio → audio | text → audio |")
     print("|---|---|---|---|---|")
     results = []
     for m in args.models:
-        r = probe(m, rows, waves, rate, args.batch_size)
+        r = probe(m, rows, clips, args.batch_size)
         results.append(r)
         for name in ATTRIBUTES:
             a = r[name]
