@@ -27,7 +27,7 @@ WINDOW_SECONDS = architecture.WINDOW_LATENT_FRAMES * 4 * 160 / architecture.SAMP
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    """Sizes and steps of one demo run (the defaults are the committed demo model's)."""
+    """Sizes and steps of one demo run (the defaults are the "full" preset's; "hour" made the shipped model)."""
 
     work: str = "outputs/demo"
     train_clips: int = 6000
@@ -41,18 +41,18 @@ class RecipeConfig:
     vocoder: str = "griffinlim"
     vocoder_steps: int = 2500
     clap_steps: int = 1200
-    # Steps of text-tower-only training on the captions' labels before CLAP's joint phase (0 = none, how the
-    # shipped model's CLAP was made); see musiccm/demo/train_clap.py's warm_up_text.
+    # Steps of text-tower-only training on the captions' labels before CLAP's joint phase (0 = none, as in the
+    # full preset); see musiccm/demo/train_clap.py's warm_up_text.
     clap_text_warmup_steps: int = 0
     teacher_steps: int = 5000
     teacher_lr: float = 3e-4
-    # Min-SNR-γ loss weighting of the teacher (0 = plain ε-MSE, how the shipped teacher was trained) and the
+    # Min-SNR-γ loss weighting of the teacher (0 = plain ε-MSE, as in the full preset) and the
     # rate of its EMA weights; the "hour" preset's faster schedule (higher lr, γ = 5, shorter EMA) was chosen
     # by benchmarks/teacher_probe.py (recipes/demo/README.md).
     teacher_snr_gamma: float = 0.0
     teacher_ema_rate: float = 0.999
     # A second phase continuing the saved teacher (EMA weights) with a fresh warm-up + cosine schedule at
-    # teacher_more_lr: how the shipped teacher was made (5,000 steps looked undertrained in the quality probe).
+    # teacher_more_lr: how the full preset's teacher was made (5,000 steps looked undertrained in a quality probe).
     teacher_more_steps: int = 8000
     teacher_more_lr: float = 2e-4
     classifier_steps: int = 1500
@@ -213,11 +213,12 @@ def stage_classifier(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> 
     classifier.save(net, target)
 
 
-# Named sizes for `recipes/demo/train.py --preset`. "full" made the shipped model (≈ 2.4 h of training on 2 cores,
-# then ≈ 36 min per distillation); "hour" runs the whole recipe, one 300-step distillation included, in about an
-# hour on 2 cores, with a faster teacher schedule and a CLAP whose text tower first learns the captions' labels
-# alone (without that warm-up, 500 CLAP steps left the captions' embeddings barely separated by instrument and the
-# teacher followed its prompts weakly). recipes/demo/README.md has both runs' stage times and figures.
+# Named sizes for `recipes/demo/train.py --preset`. "hour" made the shipped default model, musiccm-demo-v2: the
+# whole recipe, one 300-step distillation included, in 54–91 min measured on 2 cores, with a faster teacher schedule and
+# a CLAP whose text tower first learns the captions' labels alone (without that warm-up, 500 CLAP steps left the
+# captions' embeddings barely separated by instrument and the teacher followed its prompts weakly). "full" made the
+# first default, musiccm-demo-v1 (≈ 2.4 h of training on 2 cores, then ≈ 36 min per distillation).
+# recipes/demo/README.md has both runs' stage times and figures.
 PRESETS = {
     "full": RecipeConfig(),
     "hour": RecipeConfig(work="outputs/demo-hour", vae_steps=600, clap_steps=500, clap_text_warmup_steps=1500,

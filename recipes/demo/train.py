@@ -1,7 +1,7 @@
 """Train the demo world end to end: synthetic data, the small teacher's parts, the teacher, the eval classifier.
 
-    python recipes/demo/train.py                   # the shipped model's sizes → outputs/demo (≈ 2.4 h on 2 cores)
-    python recipes/demo/train.py --preset hour     # smaller → outputs/demo-hour (43 min; + distillation 54)
+    python recipes/demo/train.py                   # 'full' sizes (musiccm-demo-v1's) → outputs/demo (≈ 2.4 h, 2 cores)
+    python recipes/demo/train.py --preset hour     # the shipped model's sizes → outputs/demo-hour (run by hour.sh)
     python recipes/demo/train.py --stages data parts  # some stages; finished stages are skipped on rerun
     python recipes/demo/train.py --device cpu      # training stages on the CPU even where a GPU is visible
 Flags given explicitly override the preset's value. Then distil with the job itself and install the student:
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="where the training stages run: auto (cuda when a GPU is "
                    "visible, else cpu), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--preset", choices=list(recipe.PRESETS), default="full",
-                   help="named sizes: 'full' made the shipped model, 'hour' fits recipe + one distillation in about "
-                        "an hour on 2 cores (default: full)")
+                   help="named sizes: 'hour' (the shipped model's; with one distillation 54–91 min measured on 2 "
+                        "cores), 'full' (the first default model's, ≈ 3 h) (default: full)")
     for f in dataclasses.fields(recipe.RecipeConfig):
         by_preset = ", ".join(f"{name}: {getattr(cfg, f.name)}" for name, cfg in recipe.PRESETS.items())
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
