@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The whole demo recipe at the "hour" preset in one command: data, parts, teacher, classifier
-# (recipes/demo/train.py --preset hour) and one distillation by ray_jobs/distill.py (without L_adv, the variant
-# that measured better on the full run), into outputs/demo-hour. It made the shipped default model (musiccm-demo-v2):
-# 91 min end to end on 2 CPU cores on 2026-12-01 (54 min on a faster day before the CLAP text warm-up, 1,500
-# text-only steps, joined the preset); recipes/demo/README.md has the stage times and figures. The distillation
-# uses guidance w = 6 (diffusers scale 7) instead of distill.sh's w = 2: at scale 7 this short-trained teacher's
-# 4-step DDIM is both closer to the data and more on-prompt (benchmarks/RESULTS.md, "Guidance probe" and "CLAP
-# text warm-up probe"). Rerunning skips finished stages and resumes the distillation
-# from its last checkpoint. Extra arguments go to train.py (e.g. --threads 2); STEPS=... sets the distillation's
-# steps, W=... its guidance weight.
+# The whole demo recipe at the "hour" preset in one command: data, parts, teacher, classifier (recipes/demo/train.py
+# --preset hour) and one distillation by ray_jobs/distill.py (without L_adv, the variant that measured better on the
+# full run), into outputs/demo-hour. It made the shipped default model (musiccm-demo-v2): 91 min end to end on 2 CPU
+# cores on 2026-12-01 (54 min on a faster day before the CLAP text warm-up, 1,500 text-only steps, joined the preset);
+# recipes/demo/README.md has the stage times and figures. The distillation uses guidance w = 6 (diffusers scale 7)
+# instead of distill.sh's w = 2: at scale 7 this short-trained teacher's 4-step DDIM is both closer to the data and
+# more on-prompt (benchmarks/RESULTS.md, "Guidance probe" and "CLAP text warm-up probe"). Rerunning skips finished
+# stages and resumes the distillation from its last checkpoint. Extra arguments go to train.py (e.g. --threads 2);
+# STEPS=... sets the distillation's steps, W=... its guidance weight.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WORK=${WORK:-outputs/demo-hour}
