@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,13 @@ def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, gu
         print(f"reusing {label}: {eval_dir}/metrics.json was made from the same model, settings and prompts",
               flush=True)
     else:
+        if key_file.exists() and json.loads(key_file.read_text()) != key:
+            # This --out holds the row from another model, sampler or prompt set; the batch job would refuse to mix
+            # the two (it resumes only identical runs), so the row starts afresh.
+            print(f"replacing {label}: {gen_dir} and {eval_dir} were made from another model, settings or prompts",
+                  flush=True)
+            shutil.rmtree(gen_dir, ignore_errors=True)
+            shutil.rmtree(eval_dir, ignore_errors=True)
         py = sys.executable
         run([py, "ray_jobs/batch_generate.py", "--manifest", str(manifest), "--output", str(gen_dir), "--model",
              model_dir, "--default-steps", str(steps), "--batch-size", str(args.batch_size), "--progress-s", "60",

@@ -43,28 +43,42 @@ def encode_text(c: MusicLDMComponents, prompts: list[str]) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def encode_audio(
-    c: MusicLDMComponents, waveforms: list[np.ndarray], sample_rate: int
+    c: MusicLDMComponents, waveforms: list[np.ndarray], sample_rate: int, batch_size: int = 32
 ) -> torch.Tensor | None:
-    """L2-normalised CLAP audio embeddings (B, D), averaged over 10 s chunks; None without an audio front end."""
+    """L2-normalised CLAP audio embeddings (B, D), averaged over 10 s chunks; None without an audio front end.
+
+    The chunks of all waveforms go through the audio tower ``batch_size`` at a time (each chunk's features and
+    embedding do not depend on its batch), so many short clips cost a few batched forwards, not one each."""
     fe = c.feature_extractor
     if fe is None:
         return None
     import torchaudio.functional as AF
 
     device = c.text_encoder.device
-    embeddings = []
-    for wav in waveforms:
+    if not waveforms:
+        return torch.zeros(0, c.text_encoder.config.projection_dim, device=device)
+    chunks, owner = [], []
+    for j, wav in enumerate(waveforms):
         x = torch.as_tensor(np.asarray(wav, dtype=np.float32))
         if sample_rate != fe.sampling_rate:
             x = AF.resample(x, sample_rate, fe.sampling_rate)
-        chunks = [x[i : i + fe.nb_max_samples].numpy() for i in range(0, max(len(x), 1), fe.nb_max_samples)]
+        for i in range(0, max(len(x), 1), fe.nb_max_samples):
+            chunks.append(x[i : i + fe.nb_max_samples].numpy())
+            owner.append(j)
+    embeddings = []
+    for i in range(0, len(chunks), batch_size):
         # Chunks never exceed max length, so "rand_trunc" never crops at random: scores are deterministic.
-        feats = fe(chunks, sampling_rate=fe.sampling_rate, return_tensors="pt", truncation="rand_trunc")
+        feats = fe(chunks[i : i + batch_size], sampling_rate=fe.sampling_rate, return_tensors="pt",
+                   truncation="rand_trunc")
         out = c.text_encoder.get_audio_features(
             input_features=feats["input_features"].to(device), is_longer=feats["is_longer"].to(device)
         )
-        embeddings.append(F.normalize(_features(out).mean(0), dim=-1))
-    return torch.stack(embeddings)
+        embeddings.append(_features(out))
+    chunk_emb = torch.cat(embeddings)
+    # Normalising the per-waveform sum of unit chunk embeddings is normalising their mean.
+    summed = chunk_emb.new_zeros(len(waveforms), chunk_emb.shape[1])
+    summed.index_add_(0, torch.tensor(owner, device=chunk_emb.device), chunk_emb)
+    return F.normalize(summed, dim=-1)
 
 
 def make_denoiser(

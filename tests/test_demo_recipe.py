@@ -69,6 +69,21 @@ def test_rerun_skips_finished_stages(work):
     assert (work / "teacher" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 
 
+def test_parts_stage_saves_the_clap_audio_embeddings_the_teacher_reuses(work, caplog):
+    from musiccm import external
+
+    cfg = recipe.RecipeConfig(work=str(work), train_clips=24)
+    data = recipe.train_data(cfg)
+    path = work / "parts" / recipe.AUDIO_EMBEDDINGS
+    saved = recipe.load_audio_embeddings(path, data)
+    # what the teacher stage would otherwise compute from the waveforms with the saved CLAP
+    audio = external.encode_audio(recipe.frozen_parts(cfg), [w.numpy() for w in data.waves], 16000)
+    assert saved is not None and saved.shape == (24, 512)
+    torch.testing.assert_close(saved, audio, rtol=1e-4, atol=1e-5)
+    other = data.subset(torch.arange(23))  # other clips: not used
+    assert recipe.load_audio_embeddings(path, other) is None and "other clips" in caplog.text
+
+
 def test_classifier_rejects_a_directory_that_is_not_one(tmp_path):
     with pytest.raises(ValueError, match="not a label classifier"):
         classifier.load(tmp_path)

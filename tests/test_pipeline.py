@@ -124,6 +124,16 @@ def test_clap_audio_embedding_is_normalised_and_chunked(student):
     assert torch.equal(emb, again)  # no random truncation
 
 
+def test_clap_audio_embeddings_do_not_depend_on_batching(student):
+    rng = np.random.default_rng(1)
+    # A 25 s clip (three chunks, one short) among short ones, at 32 kHz (resampled), in batches of 2 chunks.
+    wavs = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (32000 * 3, 32000 * 25, 32000, 5000)]
+    together = external.encode_audio(student.c, wavs, 32000, batch_size=2)
+    alone = torch.cat([external.encode_audio(student.c, [w], 32000) for w in wavs])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    assert external.encode_audio(student.c, [], 32000).shape == (0, 512)
+
+
 def test_over_long_prompt_is_truncated_and_flagged(student):
     long_prompt = "piano " * 200
     _, flags = external.encode_text(student.c, [long_prompt, "jazz"])

@@ -52,6 +52,12 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_teacher_dir, tiny_stud
                             "1", "--batch-size", "3", "--reuse"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "reusing student-1" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((out / "rows.json").read_text())["student-1"]["metrics"] == rows["student-1"]["metrics"]
+    # ... and redoes, from scratch, a row whose settings changed (the batch job would refuse to mix the two runs)
+    changed = subprocess.run([*again.args, "--max-timestep", "599"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "replacing student-1" in changed.stdout and "reusing student-1" not in changed.stdout
+    assert json.loads((out / "eval" / "student-1" / "row-key.json").read_text())["max_timestep"] == 599
 
 
 def test_quality_benchmark_rejects_a_guidance_below_one():

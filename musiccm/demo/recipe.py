@@ -8,6 +8,7 @@ continues where it stopped. Distillation is not here: it is ``ray_jobs/distill.p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -22,6 +23,8 @@ from musiccm.demo.data import DemoData, load
 from musiccm.vocoders import GriffinLimVocoder
 
 log = logging.getLogger(__name__)
+# The trained CLAP's audio embeddings of the training clips, saved by the parts stage for the teacher stages.
+AUDIO_EMBEDDINGS = "clap_audio_embeddings.safetensors"
 WINDOW_SECONDS = architecture.WINDOW_LATENT_FRAMES * 4 * 160 / architecture.SAMPLE_RATE  # 2.56
 
 
@@ -126,10 +129,37 @@ def stage_parts(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
         from transformers import RobertaTokenizerFast
 
         tokenizer = RobertaTokenizerFast.from_pretrained(parts / "tokenizer")
-        clap, fe = train_clap(data, tokenizer, cfg.clap_steps, seed=cfg.seed, device=device,
-                              text_warmup_steps=cfg.clap_text_warmup_steps)
+        clap, fe, audio = train_clap(data, tokenizer, cfg.clap_steps, seed=cfg.seed, device=device,
+                                     text_warmup_steps=cfg.clap_text_warmup_steps)
         clap.save_pretrained(parts / "text_encoder", safe_serialization=True)
         fe.save_pretrained(parts / "feature_extractor")
+        save_audio_embeddings(parts / AUDIO_EMBEDDINGS, audio, data)
+
+
+def _waves_digest(data: DemoData) -> str:
+    return hashlib.sha256(data.waves.contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_audio_embeddings(path: Path, audio: torch.Tensor, data: DemoData) -> None:
+    """Save the CLAP audio embeddings of ``data``'s clips, keyed by a digest of the exact waveforms."""
+    from safetensors.torch import save_file
+
+    meta = {"clips": str(len(data)), "waves_sha256": _waves_digest(data)}
+    save_file({"audio": audio.contiguous()}, path, metadata=meta)
+
+
+def load_audio_embeddings(path: Path, data: DemoData) -> torch.Tensor | None:
+    """The embeddings `save_audio_embeddings` saved, or None when absent or made from other clips."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("waves_sha256") != _waves_digest(data):
+            log.warning("%s was computed from other clips: recomputing the CLAP audio embeddings", path)
+            return None
+        log.info("CLAP audio embeddings of the training clips from %s", path)
+        return f.get_tensor("audio")
 
 
 def frozen_parts(cfg: RecipeConfig, unet=None) -> model.MusicLDMComponents:
@@ -152,6 +182,14 @@ def frozen_parts(cfg: RecipeConfig, unet=None) -> model.MusicLDMComponents:
     )
 
 
+def _conditions(cfg: RecipeConfig, c: model.MusicLDMComponents, data: DemoData):
+    """The teacher's CLAP conditions of ``data`` (train_teacher.condition_embeddings), reusing the saved audio ones."""
+    from musiccm.demo.train_teacher import condition_embeddings
+
+    audio = load_audio_embeddings(cfg.path("parts", AUDIO_EMBEDDINGS), data)
+    return condition_embeddings(c, data.captions, data.waves, audio=audio)
+
+
 def _teacher_training(cfg: RecipeConfig) -> dict:
     """train_teacher's loss weighting and EMA rate from the recipe (both teacher phases use them)."""
     return {"snr_gamma": cfg.teacher_snr_gamma or None, "ema_rate": cfg.teacher_ema_rate}
@@ -159,7 +197,7 @@ def _teacher_training(cfg: RecipeConfig) -> dict:
 
 def stage_teacher(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
     """Train the teacher UNet on the frozen parts and save the whole teacher in the MusicLDM layout."""
-    from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
+    from musiccm.demo.train_teacher import encode_latents, train_teacher
 
     target = cfg.path("teacher")
     if _done(target / "model_index.json"):
@@ -167,7 +205,7 @@ def stage_teacher(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> Non
     c = frozen_parts(cfg).to(device)
     latents = encode_latents(c.vae, data.mels)
     log.info("teacher: latents %s, std %.3f", tuple(latents.shape), float(latents.std()))
-    text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
+    text, audio, uncond = _conditions(cfg, c, data)
     sched = c.scheduler
     c.unet = train_teacher(latents, text, audio, uncond, sched.alphas_cumprod, cfg.teacher_steps, lr=cfg.teacher_lr,
                            seed=cfg.seed, device=device, **_teacher_training(cfg))
@@ -181,7 +219,7 @@ def stage_teacher(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> Non
 
 def stage_teacher_more(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> None:
     """Continue training the saved teacher for ``teacher_more_steps`` (once: recorded in its model_index.json)."""
-    from musiccm.demo.train_teacher import condition_embeddings, encode_latents, train_teacher
+    from musiccm.demo.train_teacher import encode_latents, train_teacher
 
     if cfg.teacher_more_steps == 0:
         log.info("teacher_more_steps is 0: stage skipped")
@@ -193,7 +231,7 @@ def stage_teacher_more(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -
         log.info("teacher already continued (%s): stage skipped", phases)
         return
     latents = encode_latents(c.vae, data.mels)
-    text, audio, uncond = condition_embeddings(c, data.captions, data.waves)
+    text, audio, uncond = _conditions(cfg, c, data)
     c.unet = train_teacher(latents, text, audio, uncond, c.scheduler.alphas_cumprod, cfg.teacher_more_steps,
                            lr=cfg.teacher_more_lr, seed=cfg.seed + 1, init=c.unet, device=device,
                            **_teacher_training(cfg))
@@ -213,7 +251,7 @@ def stage_classifier(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> 
     classifier.save(net, target)
 
 
-# Named sizes for `recipes/demo/train.py --preset`. "hour" made the shipped default model, musiccm-demo-v2: the whole
+# Named sizes for `recipes/demo/train.py --preset`. "hour" made the shipped default model, musiccm-demo-v3: the whole
 # recipe, one 300-step distillation included, in 54–91 min measured on 2 cores, with a faster teacher schedule and a
 # CLAP whose text tower first learns the captions' labels alone (without that warm-up, 500 CLAP steps left the
 # captions' embeddings barely separated by instrument and the teacher followed its prompts weakly). "full" made the

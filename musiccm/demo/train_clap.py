@@ -37,6 +37,17 @@ def audio_features(fe, waves: torch.Tensor, batch: int = 64) -> tuple[torch.Tens
     return torch.cat(feats), torch.cat(longer)
 
 
+@torch.no_grad()
+def embed_audio(clap, feats: torch.Tensor, longer: torch.Tensor, batch: int = 64,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """L2-normalised CLAP audio embeddings (N, 512) of `audio_features`' output, on the CPU.
+
+    For clips of at most 10 s (one CLAP chunk) these are :func:`musiccm.external.encode_audio`'s embeddings."""
+    return torch.cat([_features(clap.get_audio_features(input_features=feats[i : i + batch].to(device),
+                                                        is_longer=longer[i : i + batch].to(device))).cpu()
+                      for i in range(0, len(feats), batch)])
+
+
 def positives(labels: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
     """(B, B) target distribution: uniform over the batch items whose labels all match row i's."""
     same = torch.ones(len(idx), len(idx), dtype=torch.bool)
@@ -78,8 +89,10 @@ def warm_up_text(clap, probes: nn.ModuleDict, tokens, labels: dict[str, torch.Te
 def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float = 5e-4, aux_weight: float = 1.0,
                seed: int = 0, device: str | torch.device = "cpu", text_warmup_steps: int = 0,
                text_warmup_batch: int = 128):
-    """A fresh ClapModel trained on (caption, clip) pairs; returns (model on the CPU, feature extractor).
+    """A fresh ClapModel trained on (caption, clip) pairs.
 
+    Returns (model on the CPU, feature extractor, the trained model's audio embeddings (N, 512) of the training
+    clips): the features are in memory here, so the teacher stage need not extract them again.
     ``text_warmup_steps`` > 0 first trains the text tower alone on the captions' labels (`warm_up_text`)."""
     from transformers import ClapConfig, ClapModel
 
@@ -126,4 +139,6 @@ def train_clap(data: DemoData, tokenizer, steps: int, batch: int = 32, lr: float
             clap.logit_scale_t.clamp_(0, 4.6052)
         top1 = (target.gather(1, logits_a.argmax(1, keepdim=True)) > 0).float().mean()  # audio → a matching text
         progress.step(i, contrastive=contrastive.item(), aux=aux.item(), top1=top1.item())
-    return clap.cpu().eval().requires_grad_(False), fe
+    clap = clap.eval().requires_grad_(False)
+    log.info("clap: audio embeddings of the %d training clips", len(data))
+    return clap.cpu(), fe, embed_audio(clap, feats, longer, device=device)

@@ -83,13 +83,15 @@ def train_teacher(latents: torch.Tensor, text_emb: torch.Tensor, audio_emb: torc
     return ema.cpu()
 
 
-def condition_embeddings(components, captions: list[str], waves: torch.Tensor | None, batch: int = 256):
-    """(text (N, 512), audio (N, 512) or None, uncond (512,)) CLAP embeddings from the model's own CLAP."""
+def condition_embeddings(components, captions: list[str], waves: torch.Tensor | None, batch: int = 256,
+                         audio: torch.Tensor | None = None):
+    """(text (N, 512), audio (N, 512) or None, uncond (512,)) CLAP embeddings from the model's own CLAP.
+
+    ``audio``: the clips' audio embeddings if already computed (the CLAP stage saves them); else from ``waves``."""
     text = torch.cat([external.encode_text(components, captions[i : i + batch])[0].cpu()
                       for i in range(0, len(captions), batch)])
-    audio = None
-    if waves is not None:
-        audio = torch.cat([external.encode_audio(components, [w.numpy() for w in waves[i : i + batch]],
-                                                 architecture.SAMPLE_RATE).cpu() for i in range(0, len(waves), batch)])
+    if audio is None and waves is not None:
+        audio = external.encode_audio(components, [w.numpy() for w in waves], architecture.SAMPLE_RATE,
+                                      batch_size=64).cpu()
     uncond = external.encode_text(components, [""])[0][0].cpu()
     return text, audio, uncond
