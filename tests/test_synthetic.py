@@ -77,6 +77,17 @@ def test_write_dataset_is_a_distillation_manifest(tmp_path):
     assert open(rows[0]["uri"], "rb").read() == before
 
 
+def test_worker_processes_render_the_same_files(tmp_path):
+    one = pq.read_table(synthetic.write_dataset(tmp_path / "one", count=70, seed=4, seconds=0.5, workers=1))
+    two = pq.read_table(synthetic.write_dataset(tmp_path / "two", count=70, seed=4, seconds=0.5, workers=2))
+    assert one.drop(["uri"]).equals(two.drop(["uri"]))
+    for a, b in zip(one.column("uri").to_pylist(), two.column("uri").to_pylist(), strict=True):
+        assert open(a, "rb").read() == open(b, "rb").read()
+    assert not list((tmp_path / "two" / "audio").glob("*.tmp"))
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        synthetic.write_dataset(tmp_path / "three", count=1, workers=0)
+
+
 def test_write_prompts_is_a_batch_manifest(tmp_path):
     from musiccm.batch.manifest import check_batch
 
