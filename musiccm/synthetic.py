@@ -275,11 +275,11 @@ def rows(start: int, count: int, seed: int) -> list[dict]:
     return out
 
 
-def _render_file(path: str, params: dict, seconds: float, seed: int) -> None:
+def _render_file(path: str, params: MusicParams, seconds: float, seed: int) -> None:
     """Render one clip to ``path`` as FLAC, through a temporary file so an interrupted run leaves no partial one."""
     target = Path(path)
     tmp = target.with_suffix(".flac.tmp")
-    tmp.write_bytes(flac_bytes(render(MusicParams(**params), seconds, seed=seed)))
+    tmp.write_bytes(flac_bytes(render(params, seconds, seed=seed)))
     os.replace(tmp, target)
 
 
@@ -317,7 +317,7 @@ def write_dataset(directory: str | os.PathLike, count: int, seed: int = 0, secon
         path = root / "audio" / f"{row['id']}.flac"
         row["uri"] = str(path)
         if not path.exists():
-            params = {k: row[k] for k in MusicParams.__dataclass_fields__}
+            params = MusicParams(**{k: row[k] for k in MusicParams.__dataclass_fields__})
             jobs.append((str(path), params, seconds, render_seed(start + i, seed)))
     if workers == 1 or len(jobs) < _MIN_CLIPS_FOR_WORKERS or not sys.platform.startswith("linux"):
         for job in jobs:
