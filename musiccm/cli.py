@@ -1,4 +1,5 @@
-"""The ``musiccm`` command line: ``generate`` one clip, ``results`` of a batch run."""
+"""The ``musiccm`` command line: ``generate`` one clip, ``export`` a distillation checkpoint, ``results`` of a
+batch run."""
 
 from __future__ import annotations
 
@@ -83,6 +84,35 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the student of a distillation checkpoint as a MusicLDM-layout model",
+        description="Export the student of one checkpoint of a ray_jobs/distill.py run (EMA weights, as the job "
+        "exports at its end) as a MusicLDM-layout directory that `musiccm generate --model` and the batch job "
+        "load: e.g. the checkpoint that validated best, or the last one of a run that stopped early.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint directory ({storage}/{name}/checkpoint-NNNNNN) or a run "
+                   "directory ({storage}/{name}: its latest checkpoint); local or s3://")
+    p.add_argument("--output", required=True, help="where to write the student: local directory or s3:// prefix")
+    p.add_argument("--teacher", default=None, help="the run's teacher, when it has moved since the run (default: "
+                   "the path recorded in the checkpoint)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the EMA target (default, as the job does) or, with --no-ema, the online student")
+    p.add_argument("--device", default="cpu", help="torch device to rebuild the run on (default cpu)")
+    p.add_argument("--local-files-only", action="store_true", help="hub-id teachers: use the local cache only")
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run ``musiccm export``; raise user errors as ValueError."""
+    from musiccm.jobs.export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.output, teacher=args.teacher, use_ema=args.ema,
+                             device=args.device, local_files_only=args.local_files_only)
+    print(json.dumps(info))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``musiccm`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -93,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="musiccm", description="Few-step text-to-music with MusicCM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _export_parser(sub)
     res = sub.add_parser("results", help="print a batch run's summary, slowest and rejected rows",
                          add_help=False)
     res.add_argument("rest", nargs=argparse.REMAINDER, help="OUTPUT [options]; see `musiccm results --help`")
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
-        return generate(args)
+        return export(args) if args.command == "export" else generate(args)
     except USER_ERRORS as exc:
         print(f"musiccm: error: {exc}", file=sys.stderr)
         return 2

@@ -425,6 +425,24 @@ def test_exported_student_generates_audio(first_run: Outcome, tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_musiccm_export_of_the_run_matches_the_jobs_own_export(first_run: Outcome, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`musiccm export RUN` finds the run's latest checkpoint on S3, rebuilds the run from it (adversarial heads
+    included) and writes the student the job itself exported at that step."""
+    from musiccm.cli import main
+
+    out = f"{RUNS}/exported-{NAME}"
+    assert main(["export", RUN, "--output", out]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (info["checkpoint"], info["step"], info["output"]) == (f"{RUN}/checkpoint-000004", 4, out)
+    ours = model.load(out, cache_dir=str(tmp_path / "ours"))
+    job = model.load(first_run.summary["export"], cache_dir=str(tmp_path / "job"))
+    assert ours.is_consistency and ours.extra["distill"]["step"] == 4
+    a, b = ours.unet.state_dict(), job.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_rerun_with_the_same_name_resumes(rerun: Outcome) -> None:
     assert rerun.rc == 0, rerun.stdout[-3000:]
     steps = [r["step"] for r in rerun.history]

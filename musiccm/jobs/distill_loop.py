@@ -20,7 +20,6 @@ checkpoint, so after a restart or a rerun the first step is the checkpoint's ste
 from __future__ import annotations
 
 import io
-import os
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from musiccm.distill.distiller import Distiller, step_generator
 from musiccm.jobs import checkpoints
 from musiccm.jobs.distill_args import FAIL_HOOK_ENV
 from musiccm.jobs.distill_validation import validate
+from musiccm.jobs.export import export_student
 
 DATA_STREAM = 1  # step_generator stream of the data crops (stream 0 is the training noise)
 MAX_EPOCH_RESTARTS = 3  # consecutive epoch starts without a usable batch before giving up
@@ -193,15 +193,6 @@ def maybe_fail(spec: JobSpec, rank: int, step: int) -> None:
         return
     storage.write_bytes(marker, f"{time.time()}\n".encode())
     raise RuntimeError(f"injected worker failure (test hook {FAIL_HOOK_ENV}) on rank {rank} at step {step}")
-
-
-def export_student(distiller: Distiller, output: str) -> str:
-    """Save the EMA student at ``output`` (local directory, or a temporary one uploaded to s3://)."""
-    if not storage.is_s3(output):
-        return distiller.export(output, use_ema=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.upload_dir(distiller.export(os.path.join(tmp, "student"), use_ema=True), output)
-    return output
 
 
 # ---------------------------------------------------------------- the loop
