@@ -251,10 +251,11 @@ def stage_classifier(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> 
     classifier.save(net, target)
 
 
-# Named sizes for `recipes/demo/train.py --preset`. "hour" made the shipped default model, musiccm-demo-v3: the whole
-# recipe, one 300-step distillation included, in 54–91 min measured on 2 cores, with a faster teacher schedule and a
-# CLAP whose text tower first learns the captions' labels alone (without that warm-up, 500 CLAP steps left the
-# captions' embeddings barely separated by instrument and the teacher followed its prompts weakly). "full" made the
+# Named sizes for `recipes/demo/train.py --preset`. "hour" made the shipped default model, musiccm-demo-v4: the whole
+# recipe with one 300-step distillation ran in 54–91 min measured on 2 cores (hour.sh now distils 750 steps, about
+# 19 min more), with a faster teacher schedule and a CLAP whose text tower first learns the captions' labels alone
+# (without that warm-up, 500 CLAP steps left the captions' embeddings barely separated by instrument and the
+# teacher followed its prompts weakly). "full" made the
 # first default, musiccm-demo-v1 (≈ 2.4 h of training on 2 cores, then ≈ 36 min per distillation).
 # recipes/demo/README.md has both runs' stage times and figures.
 PRESETS = {
