@@ -31,6 +31,8 @@ def test_find_checkpoint_takes_a_checkpoint_or_the_latest_of_a_run(tmp_path: Pat
     for name in ("checkpoint-000002", "checkpoint-000010", "checkpoint-000004", "export", "checkpoint-10"):
         touch(run / name / checkpoints.STATE)
     assert find_checkpoint(str(run)) == str(run / "checkpoint-000010")
+    touch(run / checkpoints.dir_name(1_000_000) / checkpoints.STATE)  # past six digits the name grows
+    assert find_checkpoint(str(run)) == str(run / "checkpoint-1000000")
     assert find_checkpoint(str(run / "checkpoint-000004")) == str(run / "checkpoint-000004")
     with pytest.raises(ValueError, match="neither a distillation checkpoint"):
         find_checkpoint(str(run / "export-elsewhere"))

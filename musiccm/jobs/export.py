@@ -17,7 +17,7 @@ from typing import Any
 from musiccm import storage
 from musiccm.jobs import checkpoints
 
-_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{6})")
+_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{6,})")  # checkpoints.dir_name
 
 
 def find_checkpoint(uri: str) -> str:
