@@ -29,9 +29,9 @@ def touch(path: Path) -> None:
 def test_find_checkpoint_takes_a_checkpoint_or_the_latest_of_a_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for name in ("checkpoint-000002", "checkpoint-000010", "checkpoint-000004", "export", "checkpoint-10"):
-        touch(run / name / checkpoints.STATE)
+        touch(run / name / checkpoints.META)
     assert find_checkpoint(str(run)) == str(run / "checkpoint-000010")
-    touch(run / checkpoints.dir_name(1_000_000) / checkpoints.STATE)  # past six digits the name grows
+    touch(run / checkpoints.dir_name(1_000_000) / checkpoints.META)  # past six digits the name grows
     assert find_checkpoint(str(run)) == str(run / "checkpoint-1000000")
     assert find_checkpoint(str(run / "checkpoint-000004")) == str(run / "checkpoint-000004")
     with pytest.raises(ValueError, match="neither a distillation checkpoint"):

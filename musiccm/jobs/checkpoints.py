@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from musiccm import storage
 
 STATE = "state.safetensors"
 META = "meta.json"
@@ -34,8 +37,22 @@ def rank_file(rank: int) -> str:
 
 
 def dir_name(step: int) -> str:
-    """Checkpoint directory name of a step: zero-padded so names sort by step."""
+    """Checkpoint directory name of a step (zero-padded to six digits; longer past 999,999 steps)."""
     return f"checkpoint-{step:06d}"
+
+
+_DIR_NAME = re.compile(r"checkpoint-(\d{6,})")
+
+
+def list_checkpoints(run: str) -> list[str]:
+    """Checkpoint directories of a run in storage (those with a meta.json), oldest step first."""
+    found = []
+    for meta in storage.list_files(run, suffix="/" + META):
+        directory = meta.rsplit("/", 1)[0]
+        match = _DIR_NAME.fullmatch(directory.rsplit("/", 1)[-1])
+        if match:
+            found.append((int(match.group(1)), directory))
+    return [directory for _, directory in sorted(found)]
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,6 @@ def describe_error(error: BaseException, limit: int = 600) -> str:
     return text[:limit]
 
 
-def list_checkpoints(run: str) -> list[str]:
-    """Checkpoint directories of a run in storage (those with a meta.json), oldest first."""
-    metas = storage.list_files(run, suffix="/" + checkpoints.META)
-    return sorted(m.rsplit("/", 1)[0] for m in metas if m.rsplit("/", 2)[-2].startswith("checkpoint-"))
-
-
 def worker_node_ids(checkpoint: str) -> list[str]:
     """Ray node id of every rank, as recorded in a checkpoint's rank files (rank order)."""
     ids = []
@@ -99,7 +93,7 @@ def summarize(
     assert config.output is not None
     metrics = dict(result.metrics or {}) if result is not None else {}
     error = failure if failure is not None else (result.error if result is not None else None)
-    kept = list_checkpoints(run)
+    kept = checkpoints.list_checkpoints(run)
     export_ok = storage.exists(storage.join(config.output, "model_index.json"))
     return {
         "status": "ok" if error is None and export_ok else "failed",

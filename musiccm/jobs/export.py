@@ -10,35 +10,28 @@ when it has moved since.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from musiccm import storage
 from musiccm.jobs import checkpoints
 
-_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{6,})")  # checkpoints.dir_name
+if TYPE_CHECKING:
+    from musiccm.distill.distiller import Distiller
 
 
 def find_checkpoint(uri: str) -> str:
-    """``uri`` when it is a checkpoint directory, else the latest ``checkpoint-NNNNNN`` directly under it (a run)."""
-    if storage.exists(storage.join(uri, checkpoints.STATE)):
+    """``uri`` when it is a checkpoint directory, else the latest ``checkpoint-NNNNNN`` under it (a run)."""
+    if storage.exists(storage.join(uri, checkpoints.META)):
         return uri
-    found: dict[int, str] = {}
-    root = uri.rstrip("/")
-    for state in storage.list_files(uri, suffix="/" + checkpoints.STATE):
-        parent = state[: -len(checkpoints.STATE) - 1]
-        name = parent[len(root) + 1 :]
-        match = _CHECKPOINT_DIR.fullmatch(name)
-        if match:
-            found[int(match.group(1))] = parent
+    found = checkpoints.list_checkpoints(uri)
     if not found:
-        raise ValueError(f"{uri} is neither a distillation checkpoint (no {checkpoints.STATE}) nor a run directory "
+        raise ValueError(f"{uri} is neither a distillation checkpoint (no {checkpoints.META}) nor a run directory "
                          "holding checkpoint-NNNNNN/ directories")
-    return found[max(found)]
+    return found[-1]
 
 
-def export_student(distiller: Any, output: str, use_ema: bool = True) -> str:
+def export_student(distiller: Distiller, output: str, use_ema: bool = True) -> str:
     """Save the student (EMA weights by default) at ``output``: a local directory, or a temporary one uploaded
     to an s3:// prefix."""
     if not storage.is_s3(output):
@@ -60,11 +53,7 @@ def export_checkpoint(checkpoint: str, output: str, teacher: str | None = None, 
 
     checkpoint = find_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        local = checkpoint
-        if storage.is_s3(checkpoint):
-            local = os.path.join(tmp, "checkpoint")
-            for name in (checkpoints.STATE, checkpoints.META):
-                storage.download_file(storage.join(checkpoint, name), os.path.join(local, name))
+        local = storage.download_dir(checkpoint, tmp) if storage.is_s3(checkpoint) else checkpoint
         tensors, meta, _, _ = checkpoints.load(local, rank=0)
     if teacher is not None:  # the run's structure check compares teacher paths: record the new one in both
         meta["config"]["teacher"] = teacher
