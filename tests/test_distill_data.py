@@ -18,6 +18,7 @@ from musiccm import external, storage
 from musiccm import mel as M
 from musiccm.distill.config import DistillConfig
 from musiccm.distill.data import (
+    LatentCache,
     ManifestError,
     check_manifest_schema,
     decode_crop,
@@ -251,3 +252,44 @@ def test_prepare_batch_numpy_columns_and_all_bad(tiny_teacher):
     assert "no audio bytes and no uri" in bad.reasons[0]
     cropped = prepare_batch(rows, tiny_teacher, DistillConfig(crop_seconds=0.64), None)
     assert cropped.latents.shape == (1, 8, 16, 16) and cropped.mel.shape == (1, 64, 64)
+
+
+def test_latent_cache_reuses_whole_clips_only_and_changes_nothing(tiny_teacher):
+    n = window_samples(tiny_teacher, None)
+    whole = [encoded(music_like(n / SR, seed=s), SR) for s in (7, 8)]  # one window each: never cropped
+    short = encoded(music_like(0.8, 44100, 9), 44100)  # shorter, resampled, padded: still the same every time
+    longer = encoded(music_like(3.0, seed=10), SR)  # longer than the window: a random crop each time
+    rows = {"audio": [whole[0], short, longer, whole[1]], "caption": ["a", "b", "c", "d"]}
+    config = DistillConfig(tiny_feature_network=True)
+    plain = prepare_batch(rows, tiny_teacher, config, torch.Generator().manual_seed(0))
+    cache = LatentCache(2**20)
+    first = prepare_batch(rows, tiny_teacher, config, torch.Generator().manual_seed(0), cache)
+    assert first.cached == 0 and len(cache) == 3 and (cache.hits, cache.misses) == (0, 3)
+    again = prepare_batch(rows, tiny_teacher, config, torch.Generator().manual_seed(0), cache)
+    assert again.cached == 3 and (cache.hits, cache.misses) == (3, 3)  # the cropped clip is never looked up
+    for batch in (first, again):
+        torch.testing.assert_close(batch.latents, plain.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch.mel, plain.mel)
+        torch.testing.assert_close(batch.cond, plain.cond)
+    # A different crop of the long clip is encoded afresh, not served from the cache.
+    other = prepare_batch(rows, tiny_teacher, config, torch.Generator().manual_seed(1), cache)
+    assert other.cached == 3 and not torch.allclose(other.latents[2], plain.latents[2])
+    torch.testing.assert_close(other.latents[2], encode_mel(tiny_teacher, other.mel[2:3])[0], rtol=1e-5, atol=1e-5)
+    assert LatentCache.key(longer, SR, n) is None and LatentCache.key(whole[0], SR, n) is not None
+
+
+def test_latent_cache_is_bounded_least_recently_used_first():
+    one = torch.zeros(8, 32, 16)  # 16 KiB
+    cache = LatentCache(3 * one.numel() * 4)
+    for k in "abc":
+        cache.put(k, one + ord(k))
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", one)
+    assert len(cache) == 3 and cache.bytes == 3 * one.numel() * 4
+    assert cache.get("b") is None and all(cache.get(k) is not None for k in "acd")
+    cache.put("e", torch.zeros(8, 32, 64))  # larger than the whole cache: not kept, nothing evicted
+    assert len(cache) == 3 and cache.get("e") is None
+    cache.put(None, one)  # a cropped clip has no key
+    assert len(cache) == 3
+    with pytest.raises(ValueError, match="latent_cache_mb"):
+        DistillConfig(latent_cache_mb=-1).validate()

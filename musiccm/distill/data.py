@@ -6,12 +6,18 @@ rate → random crop / zero-pad to the training window → DC removal and peak n
 The condition is the CLAP text embedding of the caption, or, for a row without caption, the clip's own
 CLAP audio embedding (MusicLDM was trained on audio embeddings). A row that cannot be read or decoded is
 skipped and counted with its reason; it never stops the run.
+
+A clip no longer than the window is never cropped, so its latents are the same every epoch: a
+:class:`LatentCache` keeps them (keyed by the SHA-256 of the clip's bytes) and the VAE encoder, most of a
+CPU step's data time, runs once per clip instead of once per epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +74,7 @@ class PreparedBatch:
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
     audio_conditioned: int = 0  # rows conditioned on their own CLAP audio embedding (no caption)
+    cached: int = 0  # rows whose latents came from the LatentCache
 
     @property
     def size(self) -> int:
@@ -96,6 +103,14 @@ def _row_bytes(rows: dict[str, Any], i: int) -> tuple[bytes, str]:
     raise ValueError("row has no audio bytes and no uri")
 
 
+def _source_frames(data: bytes, sample_rate: int, num_samples: int) -> tuple[int, int]:
+    """(frames in the file, source frames one window needs) from the header alone."""
+    import soundfile as sf
+
+    info = sf.info(io.BytesIO(data))
+    return int(info.frames), math.ceil(num_samples * int(info.samplerate) / sample_rate)
+
+
 def decode_crop(
     data: bytes, sample_rate: int, num_samples: int, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -110,7 +125,7 @@ def decode_crop(
         src_rate, total = int(f.samplerate), int(f.frames)
         if total <= 0:
             raise ValueError("no audio samples")
-        need = math.ceil(num_samples * src_rate / sample_rate)
+        need = math.ceil(num_samples * src_rate / sample_rate)  # as _source_frames
         start = _randint(total - need, generator)  # random crop position, in source samples
         if start:
             f.seek(start)
@@ -147,6 +162,66 @@ def encode_mel(frozen: MusicLDMComponents, mel: torch.Tensor) -> torch.Tensor:
     return posterior.mode().float() * vae.config.scaling_factor
 
 
+class LatentCache:
+    """Latents of whole clips (no longer than the window, so never cropped), least recently used out first.
+
+    The key is the SHA-256 of the clip's encoded bytes: the same bytes give the same samples, mel and VAE
+    posterior mode, so a hit returns what the encoder would compute (to float rounding of a different batch).
+    Latents live on the CPU; ``max_bytes`` bounds their memory per worker.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = self.hits = self.misses = 0
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @staticmethod
+    def key(data: bytes, sample_rate: int, num_samples: int) -> str | None:
+        """The cache key of a clip, or None when it is longer than the window (randomly cropped: not cacheable)."""
+        total, need = _source_frames(data, sample_rate, num_samples)
+        return hashlib.sha256(data).hexdigest() if total <= need else None
+
+    def get(self, key: str | None) -> torch.Tensor | None:
+        latent = self._items.get(key) if key is not None else None
+        if latent is None:
+            self.misses += key is not None
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return latent
+
+    def put(self, key: str | None, latent: torch.Tensor) -> None:
+        size = _nbytes(latent)
+        if key is None or key in self._items or size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            self.bytes -= _nbytes(self._items.popitem(last=False)[1])
+        self._items[key] = latent.detach().to("cpu", copy=True)
+        self.bytes += size
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def encode_cached(frozen: MusicLDMComponents, mel: torch.Tensor, keys: list[str | None],
+                  cache: LatentCache | None) -> tuple[torch.Tensor, int]:
+    """:func:`encode_mel` of the rows the cache does not hold (then cached); returns (latents, rows from cache)."""
+    if cache is None:
+        return encode_mel(frozen, mel), 0
+    found = [cache.get(k) for k in keys]
+    todo = [i for i, z in enumerate(found) if z is None]
+    if todo:
+        fresh = encode_mel(frozen, mel[todo])
+        for j, i in enumerate(todo):
+            found[i] = fresh[j]
+            cache.put(keys[i], fresh[j])
+    return torch.stack([z.to(mel.device) for z in found if z is not None]), len(keys) - len(todo)
+
+
 def _caption(rows: dict[str, Any], i: int) -> str:
     value = rows["caption"][i] if "caption" in rows else None
     return value.strip() if isinstance(value, str) else ""
@@ -162,8 +237,12 @@ def prepare_batch(
     frozen: MusicLDMComponents,
     config: DistillConfig,
     generator: torch.Generator | None,
+    cache: LatentCache | None = None,
 ) -> PreparedBatch:
-    """Rows of a manifest batch (column → list/array) → :class:`PreparedBatch`; bad rows are skipped and counted."""
+    """Rows of a manifest batch (column → list/array) → :class:`PreparedBatch`; bad rows are skipped and counted.
+
+    With ``cache``, whole clips' latents come from it when it has them and go into it when it does not.
+    """
     g = frozen.geometry
     mel_cfg = MelConfig.from_components(frozen)
     n_samples = window_samples(frozen, config.crop_seconds)
@@ -171,6 +250,7 @@ def prepare_batch(
     n_rows = len(next(iter(rows.values()))) if rows else 0
     waves: list[torch.Tensor] = []
     captions: list[str] = []
+    keys: list[str | None] = []
     reasons: list[str] = []
     # 1. Decode, downmix, crop, resample, normalise: one row at a time, never raising for a bad row.
     for i in range(n_rows):
@@ -178,11 +258,13 @@ def prepare_batch(
         try:
             data, where = _row_bytes(rows, i)
             wav = load_clip(data, g.sample_rate, n_samples, generator)
+            key = cache.key(data, g.sample_rate, n_samples) if cache is not None else None
         except Exception as exc:  # a corrupt row of any kind is counted, not fatal
             reasons.append(_fail(i, where, exc))
             continue
         waves.append(wav)
         captions.append(_caption(rows, i))
+        keys.append(key)
     device = frozen.device
     latent_shape = (0, g.latent_channels, n_frames // g.vae_factor, g.latent_bins)
     if not waves:
@@ -193,8 +275,8 @@ def prepare_batch(
     wav = torch.stack(waves).to(device)  # (B, S)
     # 2. MusicLDM log-mel, cropped to the window (the centred STFT gives one extra frame).
     mel = fit_frames(log_mel(wav, mel_cfg), n_frames)  # (B, T, n_mels)
-    # 3. Frozen VAE encoder (posterior mode) × scaling_factor.
-    latents = encode_mel(frozen, mel)  # (B, C, T/4, F/4)
+    # 3. Frozen VAE encoder (posterior mode) × scaling_factor, or the cache's copy of it.
+    latents, cached = encode_cached(frozen, mel, keys, cache)  # (B, C, T/4, F/4)
     # 4. Conditions: CLAP text embedding of the caption, else the clip's own CLAP audio embedding.
     text_idx = [i for i, c in enumerate(captions) if c]
     audio_idx = [i for i, c in enumerate(captions) if not c]
@@ -208,4 +290,5 @@ def prepare_batch(
             emb = external.encode_text(frozen, [""])[0].expand(len(audio_idx), -1)
         parts.update({i: e for i, e in zip(audio_idx, emb, strict=True)})
     cond = torch.stack([parts[i] for i in range(len(waves))]).float().to(device)
-    return PreparedBatch(latents, cond, mel.float(), len(reasons), reasons, audio_conditioned=len(audio_idx))
+    return PreparedBatch(latents, cond, mel.float(), len(reasons), reasons, audio_conditioned=len(audio_idx),
+                         cached=cached)

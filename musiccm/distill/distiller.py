@@ -24,7 +24,7 @@ import torch.nn as nn
 from musiccm import external
 from musiccm import model as model_io
 from musiccm.distill.config import GUIDANCE_EMBEDDING_DIM, DistillConfig
-from musiccm.distill.data import PreparedBatch, prepare_batch, window_samples
+from musiccm.distill.data import LatentCache, PreparedBatch, prepare_batch, window_samples
 from musiccm.distill.discriminator import Discriminator
 from musiccm.distill.losses import (
     consistency_distillation_loss,
@@ -133,6 +133,7 @@ class Distiller:
             m.eval().requires_grad_(False)
         g = teacher.geometry
         self.mel_frames = window_samples(teacher, config.crop_seconds) // g.hop_length
+        self.latent_cache = LatentCache(config.latent_cache_mb * 2**20) if config.latent_cache_mb > 0 else None
         self.alphas = teacher.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = teacher.scheduler.config.prediction_type
         self.teacher_w_dim = teacher.unet.config.get("time_cond_proj_dim")
@@ -212,7 +213,7 @@ class Distiller:
     # ------------------------------------------------------------------ training
     def prepare_batch(self, rows: dict[str, Any], generator: torch.Generator | None) -> PreparedBatch:
         """:func:`musiccm.distill.data.prepare_batch` with this run's frozen models and config."""
-        return prepare_batch(rows, self.teacher, self.config, generator)
+        return prepare_batch(rows, self.teacher, self.config, generator, self.latent_cache)
 
     def set_lr(self) -> tuple[float, float]:
         """Warm-up learning rates for the current step, applied to both optimisers."""

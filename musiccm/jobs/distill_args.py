@@ -62,6 +62,9 @@ HELP: dict[str, str] = {
     "r1_gamma": "R1 penalty weight gamma on the discriminator heads' input features (0 = off)",
     "disc_layers": "feature-network blocks (0-based) that get a discriminator head",
     "crop_seconds": "training crop length in seconds (default: the teacher's native window, 10.24 s)",
+    "latent_cache_mb": "MiB per worker for the VAE latents of clips no longer than the training window (never "
+    "cropped, so identical every epoch): from the second epoch on they are not encoded again. 0 = off; clips "
+    "longer than the window are randomly cropped and always encoded",
     "checkpoint_every": "save a checkpoint (safetensors + JSON) every N steps, and at the last step",
     "keep_checkpoints": "checkpoints kept in storage (older ones are deleted by Ray Train)",
     "validate_every": "every N steps (and at the last step) rank 0 samples the validation prompts with each "

@@ -258,7 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         data = next_batch(stream, lambda rows, g=gen: distiller.prepare_batch(rows, g), any_rank)
         data_s = time.perf_counter() - start
         out = distiller.train_step(data.batch)  # noise from step_generator(seed, rank, step - 1): resumable
-        rows, skipped = _all_reduce([data.batch.size, data.skipped], dist.ReduceOp.SUM, device)
+        rows, skipped, cached = _all_reduce([data.batch.size, data.skipped, data.batch.cached], dist.ReduceOp.SUM,
+                                            device)
         reasons = _gather_reasons(data.reasons) if skipped else []
         elapsed = time.perf_counter() - start
         samples, skipped_total = samples + int(rows), skipped_total + int(skipped)
@@ -268,7 +269,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    "grad_scale", "disc_skipped", "loss") if k in out},
             "samples_per_s": rows / elapsed, "samples_per_s_per_worker": rows / elapsed / world,
             "rows": int(rows), "samples": samples, "skipped_rows": skipped_total, "skipped_rows_step": int(skipped),
-            "step_time_s": elapsed, "data_time_s": data_s,
+            "step_time_s": elapsed, "data_time_s": data_s, "cached_rows": int(cached),
         }
         if reasons and rank == 0:
             print(f"[distill] step {step}: skipped {int(skipped)} row(s): {reasons}", file=sys.stderr, flush=True)
