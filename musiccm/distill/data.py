@@ -103,12 +103,9 @@ def _row_bytes(rows: dict[str, Any], i: int) -> tuple[bytes, str]:
     raise ValueError("row has no audio bytes and no uri")
 
 
-def _source_frames(data: bytes, sample_rate: int, num_samples: int) -> tuple[int, int]:
-    """(frames in the file, source frames one window needs) from the header alone."""
-    import soundfile as sf
-
-    info = sf.info(io.BytesIO(data))
-    return int(info.frames), math.ceil(num_samples * int(info.samplerate) / sample_rate)
+def _source_need(src_rate: int, sample_rate: int, num_samples: int) -> int:
+    """Source frames (at ``src_rate``) that make ``num_samples`` at the model's ``sample_rate``."""
+    return math.ceil(num_samples * src_rate / sample_rate)
 
 
 def decode_crop(
@@ -125,7 +122,7 @@ def decode_crop(
         src_rate, total = int(f.samplerate), int(f.frames)
         if total <= 0:
             raise ValueError("no audio samples")
-        need = math.ceil(num_samples * src_rate / sample_rate)  # as _source_frames
+        need = _source_need(src_rate, sample_rate, num_samples)
         start = _randint(total - need, generator)  # random crop position, in source samples
         if start:
             f.seek(start)
@@ -181,8 +178,11 @@ class LatentCache:
     @staticmethod
     def key(data: bytes, sample_rate: int, num_samples: int) -> str | None:
         """The cache key of a clip, or None when it is longer than the window (randomly cropped: not cacheable)."""
-        total, need = _source_frames(data, sample_rate, num_samples)
-        return hashlib.sha256(data).hexdigest() if total <= need else None
+        import soundfile as sf
+
+        info = sf.info(io.BytesIO(data))  # the header only
+        whole = int(info.frames) <= _source_need(int(info.samplerate), sample_rate, num_samples)
+        return hashlib.sha256(data).hexdigest() if whole else None
 
     def get(self, key: str | None) -> torch.Tensor | None:
         latent = self._items.get(key) if key is not None else None
@@ -212,14 +212,14 @@ def encode_cached(frozen: MusicLDMComponents, mel: torch.Tensor, keys: list[str 
     """:func:`encode_mel` of the rows the cache does not hold (then cached); returns (latents, rows from cache)."""
     if cache is None:
         return encode_mel(frozen, mel), 0
-    found = [cache.get(k) for k in keys]
-    todo = [i for i, z in enumerate(found) if z is None]
+    found = {i: z for i, k in enumerate(keys) if (z := cache.get(k)) is not None}
+    todo = [i for i in range(len(keys)) if i not in found]
     if todo:
         fresh = encode_mel(frozen, mel[todo])
         for j, i in enumerate(todo):
             found[i] = fresh[j]
             cache.put(keys[i], fresh[j])
-    return torch.stack([z.to(mel.device) for z in found if z is not None]), len(keys) - len(todo)
+    return torch.stack([found[i].to(mel.device) for i in range(len(keys))]), len(keys) - len(todo)
 
 
 def _caption(rows: dict[str, Any], i: int) -> str:
