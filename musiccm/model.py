@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def load(
 ) -> MusicLDMComponents:
     """Load a MusicLDM-layout model with the libraries' own ``from_pretrained`` (safetensors only)."""
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizerFast, SpeechT5HifiGan
 
     directory = resolve(path_or_id, local_files_only=local_files_only, cache_dir=cache_dir)
@@ -159,9 +160,7 @@ def load(
     if sched_cls is None or not hasattr(sched_cls, "from_config"):
         raise ModelError(f"model {path_or_id!r}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(
-            directory, subfolder="unet", torch_dtype=dtype, use_safetensors=True
-        )
+        unet = _unet(directory, dtype)
         vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", use_safetensors=True)
         vae_dtype = torch.float32 if vae.config.get("force_upcast", False) else dtype
         text_encoder = ClapModel.from_pretrained(directory, subfolder="text_encoder", use_safetensors=True)
@@ -190,6 +189,42 @@ def load(
     for module in (unet, vae, text_encoder, vocoder):
         module.requires_grad_(False)
     return components.to(device)
+
+
+def unet_differences(config: Mapping[str, Any], reference: Mapping[str, Any]) -> str:
+    """How a UNet config's architecture differs from ``reference`` ("" when it does not), ignoring bookkeeping
+    keys (``_name_or_path``...) and the optional guidance embedding (``time_cond_proj_dim``)."""
+
+    def arch(c: Mapping[str, Any]) -> dict[str, Any]:
+        plain = json.loads(json.dumps(dict(c), default=str))  # tuples (a built model) == lists (a loaded one)
+        return {k: v for k, v in plain.items() if not k.startswith("_") and k != "time_cond_proj_dim"}
+
+    ours, theirs = arch(config), arch(reference)
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    return "; ".join(f"{k} = {ours.get(k)!r} (reference {theirs.get(k)!r})" for k in keys)
+
+
+def _unet(directory: str, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(directory, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+
+
+def load_unet(
+    path_or_id: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    local_files_only: bool = False,
+    cache_dir: str | None = None,
+) -> torch.nn.Module:
+    """Only the UNet of a MusicLDM-layout model (safetensors), frozen, in eval mode: e.g. a student's start."""
+    directory = resolve(path_or_id, local_files_only=local_files_only, cache_dir=cache_dir)
+    try:
+        unet = _unet(directory, dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {path_or_id!r}: its UNet could not be loaded: {exc}") from None
+    return unet.eval().requires_grad_(False).to(device)
 
 
 def save(components: MusicLDMComponents, directory: str | os.PathLike, extra: dict | None = None) -> str:

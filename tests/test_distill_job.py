@@ -161,6 +161,7 @@ def job_argv(teacher: str, max_steps: int) -> list[str]:
         "--checkpoint-every", "2", "--keep-checkpoints", "2", "--validate-every", "4",
         "--validation-prompts", *PROMPTS, "--validation-steps", "1", "2", "4", "--max-failures", "1",
         "--tiny-feature-network", "--warmup-steps", "2", "--lr", "1e-4", "--seed", "0",
+        "--student-init", teacher,  # the worker's load_unet path (the same weights, so nothing else changes)
     ]
 
 
@@ -258,6 +259,20 @@ def test_preflight_teacher_without_unet(tmp_path: Path, tiny_teacher_dir: str,
                        capsys, "--teacher", "safetensors")
 
 
+def test_preflight_student_init(tmp_path: Path, tiny_teacher_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    manifest = local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}])
+    argv = ["--teacher", tiny_teacher_dir, "--train-manifest", manifest, "--storage", str(tmp_path / "r")]
+    expect_usage_error([*argv, "--student-init", str(tmp_path / "nowhere")], capsys, "--student-init", "nowhere")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_teacher_dir, other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": 3}))
+    expect_usage_error([*argv, "--student-init", str(other)], capsys, "--student-init", "layers_per_block = 3",
+                       "teacher's architecture")
+
+
 def test_preflight_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ["--storage", str(tmp_path / "runs")]
     empty = local_manifest(tmp_path)
@@ -343,12 +358,13 @@ def test_shard_stream_resumes_position_and_syncs_epochs() -> None:
 
 
 @pytest.mark.slow
-def test_run_finishes_with_export_and_summary(first_run: Outcome, s3: SeaweedFS) -> None:
+def test_run_finishes_with_export_and_summary(first_run: Outcome, s3: SeaweedFS, tiny_teacher_dir: str) -> None:
     assert first_run.rc == 0, first_run.stdout[-3000:]
     s = first_run.summary
     assert (s["status"], s["step"], s["export"], s["run"]) == ("ok", 4, f"{RUN}/export", RUN)
     assert f'"export": "{RUN}/export"' in first_run.stdout  # the printed summary names the export
     assert s["config"]["max_steps"] == 4 and s["config"]["storage"] == RUNS and s["manifest"]["rows"] == 8
+    assert s["config"]["student_init"] == str(Path(tiny_teacher_dir).resolve())
     assert len(s["worker_node_ids"]) == 2 and all(len(n) == 56 for n in s["worker_node_ids"])  # hex node ids
     for text in (json.dumps(s), first_run.stdout):  # no credentials in what the job prints or writes
         assert s3.secret_key not in text and s3.access_key not in text

@@ -214,6 +214,26 @@ def test_export_loads_and_generates(teacher, batch, tmp_path):
     assert max_diff(params(raw.unet), params(d.student_module)) == 0.0
 
 
+def test_student_init_starts_the_student_from_an_exported_student(teacher, batch, tmp_path):
+    first = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0))
+    first.train_step(batch)
+    directory = first.export(str(tmp_path / "first"))
+    init = model_io.load_unet(directory)  # the job's path: only the UNet, safetensors
+    d = Distiller(teacher, DistillConfig(**FAST, student_init=directory), student_init=init)
+    assert max_diff(params(d.student_module), params(first.target)) == 0.0  # not the teacher's weights
+    assert max_diff(params(d.target), params(first.target)) == 0.0
+    assert max_diff(params(d.student_module), params(teacher.unet)) > 0.0
+    assert d.train_step(batch)["adv_d_loss"] > 0  # fine-tunes on, here with the adversarial term
+    w = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0, w_min=1.0, w_max=3.0), student_init=init)
+    assert w.student_module.config.time_cond_proj_dim == 256  # a w range adds the embedding to the init too
+    assert float(w.student_module.time_embedding.cond_proj.weight.abs().sum()) == 0.0
+    other = UNet2DConditionModel.from_config({**dict(teacher.unet.config), "layers_per_block": 2})
+    with pytest.raises(ValueError, match="layers_per_block = 2 .reference 1."):
+        Distiller(teacher, DistillConfig(**FAST), student_init=other)
+    with pytest.raises(ValueError, match="student_init"):
+        DistillConfig(student_init="").validate()
+
+
 def test_w_range_student_exports_a_guidance_embedding(teacher, batch, tmp_path):
     d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0, w_min=1.0, w_max=3.0))
     m = d.train_step(batch)

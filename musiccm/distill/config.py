@@ -26,6 +26,9 @@ class DistillConfig:
 
     # --- where things are
     teacher: str = DEFAULT_MODEL  # local MusicLDM-layout dir, s3:// prefix or hub id
+    # A model whose UNet (same architecture as the teacher's) starts the student instead of the teacher's own,
+    # e.g. an exported student fine-tuned further with L_adv; None = the teacher. A resumed run ignores it.
+    student_init: str | None = None
     train_manifest: str = ""  # Parquet with `uri` (string) or `audio` (binary), optional `caption`
     name: str = "musiccm-distill"
     storage: str | None = None  # run storage root (local dir or s3://); None = local default
@@ -148,6 +151,8 @@ class DistillConfig:
             return isinstance(x, int) and not isinstance(x, bool)
 
         need(isinstance(self.teacher, str) and bool(self.teacher), "teacher", "a non-empty model path or hub id")
+        need(self.student_init is None or (isinstance(self.student_init, str) and bool(self.student_init)),
+             "student_init", "None (the teacher's UNet) or a non-empty model path or hub id")
         need(isinstance(self.train_manifest, str), "train_manifest", "a path or s3:// uri string")
         need(isinstance(self.name, str) and bool(self.name) and "/" not in self.name and ".." not in self.name,
              "name", "a non-empty run name without '/' or '..'")

@@ -65,19 +65,26 @@ def unet_forward(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torc
     return unet(x_t, t, encoder_hidden_states=None, class_labels=cond, timestep_cond=w_emb).sample
 
 
-def build_student_unet(teacher_unet: nn.Module, guidance_embedding: bool) -> nn.Module:
-    """A float32 copy of the teacher's UNet; with ``guidance_embedding`` it gains ``time_cond_proj_dim=256``,
-    whose new projection is zero-initialised so the student starts as exactly the teacher."""
+def build_student_unet(teacher_unet: nn.Module, guidance_embedding: bool, init: nn.Module | None = None) -> nn.Module:
+    """A float32 copy of the teacher's UNet (or of ``init``, a UNet of the same architecture, e.g. an earlier
+    student); with ``guidance_embedding`` it gains ``time_cond_proj_dim=256`` when it has none, whose new
+    projection is zero-initialised so the student starts as exactly its source."""
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(teacher_unet.config)
+    source = teacher_unet if init is None else init
+    if init is not None:
+        differ = model_io.unet_differences(init.config, teacher_unet.config)
+        if differ:
+            raise ValueError(f"student_init's UNet differs from the teacher's: {differ}; need the teacher's "
+                             "UNet architecture")
+    cfg = dict(source.config)
     add = guidance_embedding and cfg.get("time_cond_proj_dim") is None
     if add:
         cfg["time_cond_proj_dim"] = GUIDANCE_EMBEDDING_DIM
     unet = UNet2DConditionModel.from_config(cfg)
-    missing, unexpected = unet.load_state_dict(teacher_unet.state_dict(), strict=False)
+    missing, unexpected = unet.load_state_dict(source.state_dict(), strict=False)
     if unexpected or set(missing) - {"time_embedding.cond_proj.weight"}:
-        raise ValueError(f"student UNet does not match the teacher: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"student UNet does not match its source: missing {missing}, unexpected {unexpected}")
     if add:
         nn.init.zeros_(unet.time_embedding.cond_proj.weight)
     return unet.float()
@@ -113,7 +120,8 @@ class Distiller:
 
     The ``teacher`` components are moved to ``device`` and frozen in place. ``wrap`` (e.g. Ray's
     ``prepare_model``) is applied to the student UNet and to the discriminator heads; ``rank`` only selects
-    this rank's noise stream (:func:`step_generator`).
+    this rank's noise stream (:func:`step_generator`). ``student_init`` (a UNet with the teacher's architecture,
+    ``config.student_init`` loaded) starts the student instead of the teacher's UNet.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class Distiller:
         device: torch.device | str = "cpu",
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         rank: int = 0,
+        student_init: nn.Module | None = None,
     ):
         config.validate()
         self.config, self.rank, self.step = config, rank, 0
@@ -144,7 +153,7 @@ class Distiller:
         # and in a resumed run, without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            unet = build_student_unet(teacher.unet, config.has_w_range)
+            unet = build_student_unet(teacher.unet, config.has_w_range, student_init)
             self.w_dim = unet.config.get("time_cond_proj_dim")
             if config.gradient_checkpointing:
                 unet.enable_gradient_checkpointing()

@@ -20,6 +20,10 @@ HELP: dict[str, str] = {
     "teacher": "teacher model: MusicLDM-layout directory, s3:// prefix (downloaded once per node) or hub id, e.g. "
     "ucsd-reach/musicldm (default: the bundled demo student, itself a consistency model: for smoke runs only). "
     "On a multi-node cluster use an s3:// prefix or a hub id: a local path must exist on every node",
+    "student_init": "start the student (and its EMA target) from this model's UNet instead of the teacher's: a "
+    "MusicLDM-layout directory, s3:// prefix or hub id whose UNet has the teacher's architecture, e.g. an exported "
+    "student to fine-tune with the adversarial term (default: the teacher's UNet). A resumed run continues from its "
+    "checkpoint and does not read it",
     "train_manifest": "training manifest: Parquet file or directory (local or s3://) with a `uri` column (local "
     "path or s3:// uri of an audio file) and/or an `audio` column (encoded audio bytes), optional `caption` "
     "(missing/empty: the clip's own CLAP audio embedding is the condition)",

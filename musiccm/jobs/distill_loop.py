@@ -242,7 +242,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     teacher = model.load(config.teacher, device=device)
-    distiller = Distiller(teacher, config, device, wrap=ray.train.torch.prepare_model, rank=rank)
+    init = model.load_unet(config.student_init, device=device) if config.student_init else None
+    distiller = Distiller(teacher, config, device, wrap=ray.train.torch.prepare_model, rank=rank, student_init=init)
+    del init
     job, epoch, skip = _restore(distiller, rank, world, spec.shard_rows)
     attempt, resumed_from = job.attempt + 1, distiller.step
     samples, skipped_total = job.samples, job.skipped_rows

@@ -7,8 +7,10 @@ directory and the export location), then the cluster (GPUs for --use-gpu, CPU he
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -39,16 +41,20 @@ def _absolute(uri: str) -> str:
     return uri if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
+def _model_location(path_or_id: str) -> str:
+    """An existing local model path made absolute; an s3:// prefix or a hub id unchanged."""
+    local = not storage.is_s3(path_or_id) and os.path.exists(os.path.expanduser(path_or_id))
+    return _absolute(path_or_id) if local else path_or_id
+
+
 def resolve_locations(config: DistillConfig) -> DistillConfig:
     """Absolute local paths; storage default ./outputs/runs; export default {storage}/{name}/export."""
     root = _absolute(config.storage or LOCAL_STORAGE)
     output = _absolute(config.output or storage.join(root, config.name, "export"))
-    teacher = config.teacher
-    if not storage.is_s3(teacher) and os.path.exists(os.path.expanduser(teacher)):  # else a hub id
-        teacher = _absolute(teacher)
+    teacher, init = _model_location(config.teacher), config.student_init and _model_location(config.student_init)
     audiomae = _absolute(config.audiomae_path) if config.audiomae_path else None
     manifest = _absolute(config.train_manifest) if config.train_manifest else ""
-    return config.replace(storage=root, output=output, teacher=teacher, audiomae_path=audiomae,
+    return config.replace(storage=root, output=output, teacher=teacher, student_init=init, audiomae_path=audiomae,
                           train_manifest=manifest)
 
 
@@ -59,18 +65,30 @@ def run_uri(config: DistillConfig) -> str:
     return storage.join(config.storage, config.name)
 
 
-def check_teacher(teacher: str) -> str:
-    """The teacher's local directory; PreflightError unless it is a MusicLDM layout with UNet weights."""
+def check_teacher(teacher: str, flag: str = "--teacher") -> str:
+    """The model's local directory; PreflightError unless it is a MusicLDM layout with UNet weights."""
     try:
         directory = model.resolve(teacher)
     except (model.ModelError, storage.StorageError, ValueError) as exc:
-        raise PreflightError(f"--teacher: {exc}") from None
+        raise PreflightError(f"{flag}: {exc}") from None
     unet = os.path.join(directory, "unet")
     has_weights = any(n.endswith(".safetensors") for n in os.listdir(unet))
     if not os.path.isfile(os.path.join(unet, "config.json")) or not has_weights:
-        raise PreflightError(f"--teacher {teacher!r}: unet/ has no config.json or no .safetensors weights; "
+        raise PreflightError(f"{flag} {teacher!r}: unet/ has no config.json or no .safetensors weights; "
                              "need a MusicLDM-layout model with UNet weights in safetensors")
     return directory
+
+
+def check_student_init(config: DistillConfig) -> None:
+    """--student-init: a MusicLDM layout with UNet weights whose UNet config has the teacher's architecture."""
+    if not config.student_init:
+        return
+    configs = [json.loads(Path(check_teacher(path, flag), "unet", "config.json").read_text())
+               for flag, path in (("--teacher", config.teacher), ("--student-init", config.student_init))]
+    differ = model.unet_differences(configs[1], configs[0])
+    if differ:
+        raise PreflightError(f"--student-init {config.student_init!r}: its UNet differs from the teacher's "
+                             f"({differ}); need a UNet of the teacher's architecture")
 
 
 def check_manifest(uri: str) -> ManifestInfo:
@@ -133,6 +151,7 @@ def preflight(config: DistillConfig) -> tuple[DistillConfig, ManifestInfo]:
     """All checks that need no Ray: returns the config with resolved locations and the manifest facts."""
     config = resolve_locations(config)
     check_teacher(config.teacher)
+    check_student_init(config)
     if config.audiomae_path and not os.path.isfile(config.audiomae_path):
         raise PreflightError(f"--audiomae-path {config.audiomae_path}: no such file; need a local .safetensors file")
     info = check_manifest(config.train_manifest)
