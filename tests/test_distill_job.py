@@ -215,10 +215,11 @@ def test_flags_map_onto_the_config() -> None:
     assert distill_args.to_config(args) == DistillConfig(train_manifest="m.parquet")
     assert distill_args.to_config(args).teacher == DEFAULT_MODEL
     args = parser.parse_args(["--train-manifest", "m", "--w-min", "1", "--w-max", "3", "--use-gpu", "--lora-rank",
-                              "8", "--validation-steps", "1", "4", "--disc-layers", "1", "3", "--loss-type", "l2"])
+                              "8", "--validation-steps", "1", "4", "--disc-layers", "1", "3", "--loss-type", "l2",
+                              "--adv-timesteps", "699", "359"])
     c = distill_args.to_config(args)
     assert (c.w_min, c.w_max, c.use_gpu, c.lora_rank, c.loss_type) == (1.0, 3.0, True, 8, "l2")
-    assert c.validation_steps == (1, 4) and c.disc_layers == (1, 3)
+    assert c.validation_steps == (1, 4) and c.disc_layers == (1, 3) and c.adv_timesteps == (699, 359)
     assert distill_args.fail_hook({}) is None and distill_args.fail_hook({distill_args.FAIL_HOOK_ENV: "1:3"}) == (1, 3)
     with pytest.raises(ValueError, match="RANK:STEP"):
         distill_args.fail_hook({distill_args.FAIL_HOOK_ENV: "x"})

@@ -269,6 +269,29 @@ def test_lora_path_trains_adapters_and_exports_merged(teacher, batch, tmp_path):
     assert float((merged - base).abs().max()) > 1e-6  # and the adapters did learn something
 
 
+def test_adv_timesteps_judge_a_one_jump_estimate_from_those_timesteps(teacher, batch, monkeypatch):
+    base = DistillConfig(**FAST)
+    plain, at = Distiller(teacher, base), Distiller(teacher, base.replace(adv_timesteps=(99,)))
+    seen: list[torch.Tensor] = []
+    original = losses.consistency_output
+
+    def spy(x, out, t):
+        seen.append(t.clone())
+        return original(x, out, t)
+
+    monkeypatch.setattr(losses, "consistency_output", spy)
+    m_plain = plain.train_step(batch, step_generator(0, 0, 0))
+    seen.clear()
+    m_at = at.train_step(batch, step_generator(0, 0, 0))
+    # the same distillation draw and loss (the extra randomness comes last), another estimate for L_adv
+    assert m_at["distill_loss"] == m_plain["distill_loss"] and m_at["t_mean"] == m_plain["t_mean"]
+    assert m_at["adv_g_loss"] != m_plain["adv_g_loss"]
+    assert len(seen) == 3 and seen[-1].tolist() == [99, 99, 99]  # student, EMA target, then the L_adv jump
+    for bad in ({"adv_timesteps": (1000,)}, {"adv_timesteps": (699,), "adv_weight": 0.0}):
+        with pytest.raises(ValueError, match="adv_timesteps"):
+            base.replace(**bad)
+
+
 def test_adv_weight_zero_is_the_no_adversary_ablation(teacher, batch):
     d = Distiller(teacher, DistillConfig(**FAST, adv_weight=0.0))
     assert d.disc is None and d.opt_d is None
@@ -382,7 +405,8 @@ def worker(rank, port, out):
     from musiccm.distill.data import PreparedBatch
     from musiccm.distill.distiller import Distiller
 
-    cfg = DistillConfig(tiny_feature_network=True, warmup_steps=0, w_min=1.0, w_max=3.0)
+    # adv_timesteps: a second student call before the backward, as DDP must handle too
+    cfg = DistillConfig(tiny_feature_network=True, warmup_steps=0, w_min=1.0, w_max=3.0, adv_timesteps=(699, 359))
     d = Distiller(build_components("tiny", seed=0, window=8), cfg, wrap=DDP, rank=rank)
     g = torch.Generator().manual_seed(rank)  # each rank its own data
     batch = PreparedBatch(torch.randn(2, 8, 8, 16, generator=g), torch.randn(2, 512, generator=g),

@@ -74,6 +74,10 @@ class DistillConfig:
     # last included). The tiny test ViT also has 12 blocks; for feature_network="clap" the indices count the
     # HTSAT Swin blocks across stages (12 for HTSAT-base, 4 for the tiny test CLAP: use e.g. (1, 3)).
     disc_layers: tuple[int, ...] = (2, 5, 8, 11)
+    # Timesteps at which L_adv judges the student's one-jump x0 estimate, drawn per clip (ADD judges the
+    # student at its sampling steps): e.g. 699 (a 1-step student). Empty = the consistency interval's t_{n+k},
+    # the same estimate L_distil uses (no extra UNet call).
+    adv_timesteps: tuple[int, ...] = ()
     crop_seconds: float | None = None  # None = the teacher's native window
     # Per-worker memory (MiB) for the latents of clips no longer than the window (never cropped, so the same
     # every epoch); 0 = encode every clip every time. Results are unchanged: it only skips repeated VAE encodes.
@@ -95,7 +99,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         # Sequences from argparse (nargs) or JSON arrive as lists: store them as tuples (hashable, frozen).
-        for name in ("disc_layers", "validation_prompts", "validation_steps"):
+        for name in ("disc_layers", "adv_timesteps", "validation_prompts", "validation_steps"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -183,7 +187,11 @@ class DistillConfig:
         need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}")
         need(finite(self.huber_c) and self.huber_c > 0, "huber_c", "a float > 0")
         need(finite(self.distill_weight) and self.distill_weight >= 0, "distill_weight", "a float >= 0")
+        need(all(integer(t) and 0 <= t <= 999 for t in self.adv_timesteps), "adv_timesteps",
+             "integers in 0..999 (empty = the consistency interval's t_{n+k})")
         need(finite(self.adv_weight) and self.adv_weight >= 0, "adv_weight", "a float >= 0 (0 = w/o L_adv)")
+        need(not self.adv_timesteps or self.adv_weight > 0, "adv_timesteps",
+             "empty when adv_weight is 0 (there is no adversarial term to judge at them)")
         need(self.distill_weight > 0 or self.adv_weight > 0, "distill_weight",
              "> 0, or adv_weight > 0 (at least one loss term)")
         need(self.feature_network in FEATURE_NETWORKS, "feature_network", f"one of {FEATURE_NETWORKS}")

@@ -33,6 +33,7 @@ from musiccm.distill.losses import (
     r1_penalty,
     sample_guidance,
     sample_solver_timesteps,
+    student_jump,
     warmup_lr,
 )
 from musiccm.model import MusicLDMComponents
@@ -271,7 +272,7 @@ class Distiller:
                 with torch.no_grad():
                     real_feats = self.disc.feature_maps(batch.mel.to(self.device).float())
                 c = self.disc.condition(cond, self.disc.mel_embedding(real_feats))
-                fake_feats = self.disc.feature_maps(self._decode_mel(pred))
+                fake_feats = self.disc.feature_maps(self._decode_mel(self._adv_prediction(pred, x0, cond, w, gen)))
                 # Heads with detached weights: G's loss must not touch D's grads (nor DDP's reducer).
                 frozen = {n: p.detach() for n, p in self.disc.heads.named_parameters()}
                 fake_logits = torch.func.functional_call(self.disc.heads, frozen, (fake_feats, c))
@@ -295,6 +296,19 @@ class Distiller:
                         "w_mean": float(w.mean())})
         self.step += 1
         return metrics
+
+    def _adv_prediction(self, pred: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor, w: torch.Tensor,
+                        gen: torch.Generator) -> torch.Tensor:
+        """What L_adv judges: the distillation's own estimate ``pred``, or with ``adv_timesteps`` the student's
+        one-jump estimate from fresh noise at one of those timesteps per clip (drawn after the step's other
+        randomness, so runs without it draw exactly as before)."""
+        choices = self.config.adv_timesteps
+        if not choices:
+            return pred
+        pick = torch.randint(len(choices), (x0.shape[0],), generator=gen, device=gen.device)
+        s = torch.tensor(choices, device=gen.device)[pick].to(self.device)
+        noise = randn(x0.shape, gen, self.device)
+        return student_jump(self._x0_fn(self.student), x0, noise, s, cond, w, self.alphas)[1]
 
     def _d_step(self, fake_feats: list[torch.Tensor], real_feats: list[torch.Tensor],
                 c: torch.Tensor) -> dict[str, float]:

@@ -100,6 +100,17 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, h
     raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
 
 
+def student_jump(
+    student: X0Fn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data forward-noised to ``t`` and the student's consistency output f_θ(x_t, t) there (its x0 estimate,
+    what one sampling step from ``t`` returns): ``(x_t, f_θ)``."""
+    a_t = alpha_bar(alphas_cumprod, t, float(alphas_cumprod[0])).to(x0.device)
+    x_t = renoise(x0, noise, a_t)
+    return x_t, consistency_output(x_t, student(x_t, t, cond, w).float(), t.to(x0.device))
+
+
 def consistency_distillation_loss(
     student: X0Fn,
     target: X0Fn,
@@ -118,14 +129,10 @@ def consistency_distillation_loss(
     """L_distil (MusicCM eq. 4, LCM Alg. 1): d(f_θ(x_{t_{n+k}}, t_{n+k}), f_θ⁻(x̂_{t_n}, t_n)).
 
     Returns the loss and the student's consistency output f_θ (B, C, T, F) (its x0 estimate, which the
-    adversarial term judges).
+    adversarial term judges unless the run sets ``adv_timesteps``).
     """
-    final_alpha = float(alphas_cumprod[0])
-    a_t = alpha_bar(alphas_cumprod, t, final_alpha).to(x0.device)
-    # 1. Forward-noise the data to t_{n+k}.
-    x_t = renoise(x0, noise, a_t)
-    # 2. Student consistency function at t_{n+k} (boundary scalings: f = x at t = 0).
-    pred = consistency_output(x_t, student(x_t, t, cond, w).float(), t.to(x0.device))
+    # 1–2. Forward-noise the data to t_{n+k}; the student's consistency function there (f = x at t = 0).
+    x_t, pred = student_jump(student, x0, noise, t, cond, w, alphas_cumprod)
     # 3. Teacher: one guided DDIM step to t_n; EMA target's consistency function there (no gradient).
     with torch.no_grad():
         x_prev = solver_target(teacher_eps, x_t, t, t_prev, cond, uncond, w, alphas_cumprod)

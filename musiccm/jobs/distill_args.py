@@ -65,6 +65,10 @@ HELP: dict[str, str] = {
     "randomly initialised (a loud warning; fine only for smoke runs)",
     "r1_gamma": "R1 penalty weight gamma on the discriminator heads' input features (0 = off)",
     "disc_layers": "feature-network blocks (0-based) that get a discriminator head",
+    "adv_timesteps": "timesteps at which the adversarial term judges the student's one-jump x0 estimate, one drawn "
+    "per clip (several arguments; e.g. 699 for a student sampled in 1 step from t = 699, or its whole sampling "
+    "schedule); costs one more student UNet call per step. Not given: the consistency interval's t_{n+k}, the "
+    "estimate the distillation loss uses",
     "crop_seconds": "training crop length in seconds (default: the teacher's native window, 10.24 s)",
     "latent_cache_mb": "MiB per worker for the VAE latents of clips no longer than the training window (never "
     "cropped, so identical every epoch): from the second epoch on they are not encoded again. 0 = off; clips "
@@ -117,7 +121,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                 kwargs["metavar"] = f.name.upper().removesuffix("S")
         if f.name == "train_manifest":
             kwargs.update(required=True, default=None)
-        shown = " ".join(map(str, default)) if is_tuple else default
+        shown = (" ".join(map(str, default)) or "none") if is_tuple else default
         p.add_argument(_flag(f.name), help=f"{text} (default: {shown})".replace("%", "%%"),
                        **kwargs)
     job = p.add_argument_group("job (not part of the saved config)")
