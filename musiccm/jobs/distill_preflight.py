@@ -1,6 +1,7 @@
 """Checks of a distillation job before any Ray worker starts: each failure is one line, no traceback.
 
-Order: the config itself, the teacher (a MusicLDM layout with UNet weights), the manifest (a readable
+Order: the config itself, the teacher (a MusicLDM layout with UNet weights), the --student-init model if
+any (the same, with the teacher's UNet architecture), the manifest (a readable
 Parquet schema with `uri`/`audio` and at least one row), the storage (a probe write under the run
 directory and the export location), then the cluster (GPUs for --use-gpu, CPU headroom for Ray Data).
 """
