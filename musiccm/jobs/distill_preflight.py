@@ -66,27 +66,29 @@ def run_uri(config: DistillConfig) -> str:
     return storage.join(config.storage, config.name)
 
 
-def check_teacher(teacher: str, flag: str = "--teacher") -> str:
-    """The model's local directory; PreflightError unless it is a MusicLDM layout with UNet weights."""
+def check_model(path_or_id: str, flag: str) -> str:
+    """The model's local directory; PreflightError (naming ``flag``) unless it is a MusicLDM layout with UNet
+    weights."""
     try:
-        directory = model.resolve(teacher)
+        directory = model.resolve(path_or_id)
     except (model.ModelError, storage.StorageError, ValueError) as exc:
         raise PreflightError(f"{flag}: {exc}") from None
     unet = os.path.join(directory, "unet")
     has_weights = any(n.endswith(".safetensors") for n in os.listdir(unet))
     if not os.path.isfile(os.path.join(unet, "config.json")) or not has_weights:
-        raise PreflightError(f"{flag} {teacher!r}: unet/ has no config.json or no .safetensors weights; "
+        raise PreflightError(f"{flag} {path_or_id!r}: unet/ has no config.json or no .safetensors weights; "
                              "need a MusicLDM-layout model with UNet weights in safetensors")
     return directory
 
 
-def check_student_init(config: DistillConfig) -> None:
-    """--student-init: a MusicLDM layout with UNet weights whose UNet config has the teacher's architecture."""
+def check_student_init(config: DistillConfig, teacher_dir: str) -> None:
+    """--student-init: a MusicLDM layout with UNet weights whose UNet config has the architecture of the teacher
+    in ``teacher_dir`` (as :func:`check_model` returned it)."""
     if not config.student_init:
         return
-    configs = [json.loads(Path(check_teacher(path, flag), "unet", "config.json").read_text())
-               for flag, path in (("--teacher", config.teacher), ("--student-init", config.student_init))]
-    differ = model.unet_differences(configs[1], configs[0])
+    theirs, ours = (json.loads(Path(d, "unet", "config.json").read_text())
+                    for d in (check_model(config.student_init, "--student-init"), teacher_dir))
+    differ = model.unet_differences(theirs, ours)
     if differ:
         raise PreflightError(f"--student-init {config.student_init!r}: its UNet differs from the teacher's "
                              f"({differ}); need a UNet of the teacher's architecture")
@@ -151,8 +153,7 @@ def check_cluster(config: DistillConfig, cpus_per_worker: float, resources: dict
 def preflight(config: DistillConfig) -> tuple[DistillConfig, ManifestInfo]:
     """All checks that need no Ray: returns the config with resolved locations and the manifest facts."""
     config = resolve_locations(config)
-    check_teacher(config.teacher)
-    check_student_init(config)
+    check_student_init(config, check_model(config.teacher, "--teacher"))
     if config.audiomae_path and not os.path.isfile(config.audiomae_path):
         raise PreflightError(f"--audiomae-path {config.audiomae_path}: no such file; need a local .safetensors file")
     info = check_manifest(config.train_manifest)
