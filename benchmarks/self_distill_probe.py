@@ -20,7 +20,6 @@ directories, to probe with ``benchmarks/teacher_probe.py``:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         data = targets(c, [synthetic.clip(i, 0)[1] for i in range(args.captions)], first, second, later, args.seed)
         torch.save({**data, "made_by": made_by}, cache)
         print(f"targets for {args.captions} captions in {time.perf_counter() - start:.0f} s", flush=True)
-    frozen = c.unet
-    c.unet = copy.deepcopy(frozen).train().requires_grad_(True)
+    c.unet.train().requires_grad_(True)  # trained in place: the targets already hold the frozen student's outputs
     denoise = external.make_denoiser(c, None, 1.0)
     opt = torch.optim.AdamW(c.unet.parameters(), lr=args.lr, weight_decay=0.0)
     g, n, b = torch.Generator().manual_seed(args.seed + 1), len(data["cond"]), args.batch_size
