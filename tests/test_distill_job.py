@@ -190,8 +190,11 @@ def first_run(ray_local: None, tiny_teacher_dir: str) -> Outcome:
 
 @pytest.fixture(scope="module")
 def rerun(first_run: Outcome, tiny_teacher_dir: str) -> Outcome:
-    """The same command with --max-steps 6: resumes from the first run's last checkpoint."""
-    rc, out = run_main(job_argv(str(tiny_teacher_dir), 6))
+    """The same command with --max-steps 6: resumes from the first run's last checkpoint.
+
+    With --report-every-s 3600 step 5 (no checkpoint, no validation) is not reported to Ray Train: its metrics
+    must still reach the history."""
+    rc, out = run_main([*job_argv(str(tiny_teacher_dir), 6), "--report-every-s", "3600"])
     summary = json.loads(storage.read_bytes(f"{RUN}/summary.json"))
     return Outcome(rc, out, summary, read_history())
 
@@ -216,9 +219,10 @@ def test_flags_map_onto_the_config() -> None:
     assert distill_args.to_config(args).teacher == DEFAULT_MODEL
     args = parser.parse_args(["--train-manifest", "m", "--w-min", "1", "--w-max", "3", "--use-gpu", "--lora-rank",
                               "8", "--validation-steps", "1", "4", "--disc-layers", "1", "3", "--loss-type", "l2",
-                              "--adv-timesteps", "699", "359"])
+                              "--adv-timesteps", "699", "359", "--report-every-s", "0"])
     c = distill_args.to_config(args)
     assert (c.w_min, c.w_max, c.use_gpu, c.lora_rank, c.loss_type) == (1.0, 3.0, True, 8, "l2")
+    assert c.report_every_s == 0.0
     assert c.validation_steps == (1, 4) and c.disc_layers == (1, 3) and c.adv_timesteps == (699, 359)
     assert distill_args.fail_hook({}) is None and distill_args.fail_hook({distill_args.FAIL_HOOK_ENV: "1:3"}) == (1, 3)
     with pytest.raises(ValueError, match="RANK:STEP"):

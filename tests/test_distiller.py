@@ -83,6 +83,7 @@ def test_config_round_trip_and_validation():
         ({"disc_layers": ()}, "disc_layers"), ({"validation_steps": (0,)}, "validation_steps"),
         ({"name": "a/b"}, "name"), ({"adv_weight": 0.0, "distill_weight": 0.0}, "distill_weight"),
         ({"max_train_timestep": 5}, "integer in 19..999"), ({"max_train_timestep": 1000}, "max_train_timestep"),
+        ({"report_every_s": -1.0}, "report_every_s"), ({"report_every_s": float("nan")}, "0 = every step"),
     ]:
         with pytest.raises(ValueError, match=words) as info:
             dataclasses.replace(cfg, **change).validate()

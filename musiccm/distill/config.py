@@ -85,6 +85,11 @@ class DistillConfig:
     # --- bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # Seconds between metric reports to Ray Train (ray.train.report) outside checkpoints and validation. Train
+    # V2 blocks a report until its controller polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+    # default), so a report every step held fast steps to one per poll. Every step's metrics still go to
+    # {run}/metrics. 0 = report every step.
+    report_every_s: float = 10.0
     validate_every: int = 500
     validation_prompts: tuple[str, ...] = (
         "upbeat electronic dance music with a driving bass line",
@@ -208,6 +213,8 @@ class DistillConfig:
              "an integer >= 0 (MiB per worker; 0 = off)")
         need(integer(self.checkpoint_every) and self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
         need(integer(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
+        need(finite(self.report_every_s) and self.report_every_s >= 0, "report_every_s",
+             "a float >= 0 (seconds; 0 = every step)")
         need(integer(self.validate_every) and self.validate_every >= 0, "validate_every", "an integer >= 0 (0 = off)")
         need(isinstance(self.validation_prompts, tuple) and all(isinstance(p, str) for p in self.validation_prompts),
              "validation_prompts", "a tuple of strings")

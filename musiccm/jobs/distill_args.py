@@ -74,6 +74,10 @@ HELP: dict[str, str] = {
     "cropped, so identical every epoch): from the second epoch on they are not encoded again. 0 = off; clips "
     "longer than the window are randomly cropped and always encoded",
     "checkpoint_every": "save a checkpoint (safetensors + JSON) every N steps, and at the last step",
+    "report_every_s": "seconds between metric reports to Ray Train between checkpoints (0 = every step). Ray "
+    "Train V2 holds each report until its controller polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, "
+    "2 s by default), so reporting every step caps a fast job at one step per poll; every step's metrics are "
+    "written to {run}/metrics regardless",
     "keep_checkpoints": "checkpoints kept in storage (older ones are deleted by Ray Train)",
     "validate_every": "every N steps (and at the last step) rank 0 samples the validation prompts with each "
     "of --validation-steps and writes audio + per-clip metrics under {run}/validation (0 = off)",

@@ -8,7 +8,10 @@ restore the latest checkpoint if Ray Train hands one over, then loop until ``max
    skipped); when any rank's shard runs dry, every rank starts the next epoch together (Ray Data's
    epoch start is a barrier across the shards, so ranks must agree on when to take it);
 3. one ``train_step`` (DDP all-reduce inside), then an all-reduce of the batch and skip counts;
-4. ``ray.train.report`` every step (rank 0's metrics are kept); every ``checkpoint_every`` steps and at the
+4. ``ray.train.report`` of the step's metrics (rank 0's are kept) at least ``report_every_s`` seconds apart, as
+   rank 0's clock decides (Train V2 holds a report until its controller's next poll of the workers, every 2 s
+   by default, so a report every step would cap a fast job at one step per poll; every step's metrics go to the
+   step history below anyway), at validation steps, and every ``checkpoint_every`` steps and at the
    last step with a checkpoint (see :mod:`musiccm.jobs.checkpoints`), preceded on rank 0 by the step history
    shard ``{run}/metrics/steps-FIRST-LAST.parquet`` (a deterministic key: redone steps overwrite it) and by
    validation when due.
@@ -251,6 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stream = ShardStream(ray.train.get_dataset_shard("train"), config.batch_size, config.seed, rank, epoch, skip)
     history = History(spec.run, distiller.step + 1) if rank == 0 else None
     any_rank = lambda flag: _all_reduce([float(flag)], dist.ReduceOp.MAX, device)[0] > 0
+    last_report = time.monotonic()
 
     while distiller.step < config.max_steps:
         step = distiller.step + 1
@@ -260,8 +264,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         data = next_batch(stream, lambda rows, g=gen: distiller.prepare_batch(rows, g), any_rank)
         data_s = time.perf_counter() - start
         out = distiller.train_step(data.batch)  # noise from step_generator(seed, rank, step - 1): resumable
-        rows, skipped, cached = _all_reduce([data.batch.size, data.skipped, data.batch.cached], dist.ReduceOp.SUM,
-                                            device)
+        # rank 0's clock decides when to report, so every rank reports at the same steps
+        due = rank == 0 and time.monotonic() - last_report >= config.report_every_s
+        rows, skipped, cached, due = _all_reduce([data.batch.size, data.skipped, data.batch.cached, float(due)],
+                                                 dist.ReduceOp.SUM, device)
         reasons = _gather_reasons(data.reasons) if skipped else []
         elapsed = time.perf_counter() - start
         samples, skipped_total = samples + int(rows), skipped_total + int(skipped)
@@ -276,7 +282,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if reasons and rank == 0:
             print(f"[distill] step {step}: skipped {int(skipped)} row(s): {reasons}", file=sys.stderr, flush=True)
         last = step == config.max_steps
-        if rank == 0 and config.validate_every and (step % config.validate_every == 0 or last):
+        validating = bool(config.validate_every) and (step % config.validate_every == 0 or last)
+        if rank == 0 and validating:
             metrics.update(validate(distiller.student_components(use_ema=True), config, step, spec.run))
         if history is not None:
             history.add(metrics)
@@ -285,7 +292,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                   ray.get_runtime_context().get_node_id())
             state = checkpoints.JobState(step, stream.epoch, attempt, samples, skipped_total, world)
             report_checkpoint(distiller, metrics, position, state, history)
-        else:
+            last_report = time.monotonic()
+        elif due or validating:
             ray.train.report(metrics)
+            last_report = time.monotonic()
     if rank == 0:
         export_student(distiller, config.output or storage.join(spec.run, "export"))
