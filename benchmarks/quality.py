@@ -53,6 +53,11 @@ CONFIGS = (
 LABEL_HEADS = ("instrument", "tempo", "mode", "drums")
 
 
+def _row_name(which: str) -> str:
+    """CONFIGS' row name of a model's rows at its own first timestep (rule "max")."""
+    return next(name for _, w, _, rule, name in CONFIGS if w == which and rule == "max")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     demo = "outputs/demo"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +65,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student", default=f"{demo}/student", help="distilled student directory (default %(default)s)")
     p.add_argument("--student-noadv", default=f"{demo}/student-noadv",
                    help="student distilled with --adv-weight 0 (its rows are skipped if missing; default %(default)s)")
+    p.add_argument("--student-name", default=None,
+                   help="row name of --student's rows in the table (default: %r)" % _row_name("student"))
+    p.add_argument("--student-noadv-name", default=None,
+                   help="row name of --student-noadv's rows (default: %r)" % _row_name("student_noadv"))
     p.add_argument("--prompts", default=f"{demo}/data/heldout/prompts.parquet",
                    help="held-out prompts with label columns (default %(default)s)")
     p.add_argument("--reference", default=f"{demo}/data/heldout/manifest.parquet",
@@ -213,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
         guidance = args.teacher_guidance if which == "teacher" else None
         metrics = one_row(args, label, models[which], steps, guidance, max_t, prompts, ref, out)
+        renamed = {"student": args.student_name, "student_noadv": args.student_noadv_name}.get(which)
+        if renamed and rule == "max":
+            name = renamed
         rows[label] = {**metrics, "steps": steps, "name": name, "max_timestep": max_t}
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
     reference = next(iter(rows.values()), {}).get("reference_attribute_accuracy")

@@ -49,8 +49,10 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_teacher_dir, tiny_stud
 
     # a rerun with --reuse keeps rows made from the same model, settings and prompts
     again = subprocess.run([*cmd[:cmd.index("--configs")], "--configs", "student-1", "--limit", "3", "--latency-runs",
-                            "1", "--batch-size", "3", "--reuse"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            "1", "--batch-size", "3", "--reuse", "--student-name", "Student after DMD"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "reusing student-1" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "| Student after DMD | 1 |" in again.stdout  # --student-name names the row, the rows' data unchanged
     assert json.loads((out / "rows.json").read_text())["student-1"]["metrics"] == rows["student-1"]["metrics"]
     # ... and redoes, from scratch, a row whose settings changed (the batch job would refuse to mix the two runs)
     changed = subprocess.run([*again.args, "--max-timestep", "599"], cwd=ROOT, capture_output=True, text=True,
