@@ -66,9 +66,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student-noadv", default=f"{demo}/student-noadv",
                    help="student distilled with --adv-weight 0 (its rows are skipped if missing; default %(default)s)")
     p.add_argument("--student-name", default=None,
-                   help="row name of --student's rows in the table (default: %r)" % _row_name("student"))
+                   help=f"row name of --student's rows in the table (default: {_row_name('student')!r})")
     p.add_argument("--student-noadv-name", default=None,
-                   help="row name of --student-noadv's rows (default: %r)" % _row_name("student_noadv"))
+                   help=f"row name of --student-noadv's rows (default: {_row_name('student_noadv')!r})")
     p.add_argument("--prompts", default=f"{demo}/data/heldout/prompts.parquet",
                    help="held-out prompts with label columns (default %(default)s)")
     p.add_argument("--reference", default=f"{demo}/data/heldout/manifest.parquet",
