@@ -57,7 +57,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=100,
                    help="save a model directory every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches and noise (default 0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.min_t <= args.max_t <= 999:
+        p.error(f"need 0 <= --min-t <= --max-t <= 999, got --min-t {args.min_t} --max-t {args.max_t}")
+    for name in ("captions", "steps", "fake_updates", "batch_size", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def conditions(c, captions: list[str], batch: int = 256) -> torch.Tensor:
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             s.unet.eval()
             model.save(s, out / f"step-{step}", extra={"dmd_probe": {**vars(args), "step": step}})
             s.unet.train()
+    log.close()
     return 0
 
 

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from musiccm.testing.scripts import load_script, unet_state
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("dmd_probe", ROOT / "benchmarks" / "dmd_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _unet_state(directory) -> dict[str, torch.Tensor]:
-    from musiccm import model
-
-    return model.load_unet(str(directory)).state_dict()
+    return load_script("benchmarks/dmd_probe.py")
 
 
 def _run(probe, student, teacher, out, *extra: str) -> list[dict]:
@@ -41,7 +30,7 @@ def test_fine_tunes_the_jump_and_saves_loadable_students(probe, tiny_student_dir
     rows = _run(probe, tiny_student_dir, tiny_teacher_dir, out, "--lr", "1e-3", "--max-timestep", "699")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 and r["reg_loss"] >= 0 for r in rows)
-    start, first, second = (_unet_state(d) for d in (tiny_student_dir, out / "step-1", out / "step-2"))
+    start, first, second = (unet_state(d) for d in (tiny_student_dir, out / "step-1", out / "step-2"))
     assert any(not torch.equal(start[k], first[k]) for k in start)  # trained
     assert any(not torch.equal(first[k], second[k]) for k in start)
     student = model.load(str(out / "step-2"))
@@ -55,7 +44,7 @@ def test_fine_tunes_the_jump_and_saves_loadable_students(probe, tiny_student_dir
 
 def test_zero_learning_rate_changes_nothing(probe, tiny_student_dir, tiny_teacher_dir, tmp_path):
     _run(probe, tiny_student_dir, tiny_teacher_dir, tmp_path / "run", "--lr", "0")
-    start, end = _unet_state(tiny_student_dir), _unet_state(tmp_path / "run" / "step-2")
+    start, end = unet_state(tiny_student_dir), unet_state(tmp_path / "run" / "step-2")
     assert all(torch.equal(start[k], end[k]) for k in start)
 
 
@@ -64,3 +53,10 @@ def test_refuses_models_in_the_wrong_roles(probe, tiny_student_dir, tiny_teacher
         probe.main(["--student", tiny_teacher_dir, "--teacher", tiny_teacher_dir, "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="diffusion teacher"):
         probe.main(["--student", tiny_student_dir, "--teacher", tiny_student_dir, "--out", str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize("bad", [["--min-t", "500", "--max-t", "100"], ["--max-t", "1000"], ["--fake-updates", "0"]])
+def test_refuses_bad_settings(probe, bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        probe.parse(["--student", "s", "--teacher", "t", "--out", "o", *bad])
+    assert info.value.code == 2 and bad[0] in capsys.readouterr().err  # the message names the flag

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from musiccm.testing.scripts import load_script, unet_state
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("self_distill_probe", ROOT / "benchmarks" / "self_distill_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _unet_state(directory) -> dict[str, torch.Tensor]:
-    from musiccm import model
-
-    return model.load_unet(str(directory)).state_dict()
+    return load_script("benchmarks/self_distill_probe.py")
 
 
 def test_fine_tunes_and_saves_loadable_students(probe, tiny_student_dir, tmp_path):
@@ -37,7 +26,7 @@ def test_fine_tunes_and_saves_loadable_students(probe, tiny_student_dir, tmp_pat
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["jump_loss"] > 0 and r["reg_loss"] >= 0 for r in rows)
-    start, first, second = (_unet_state(d) for d in (tiny_student_dir, out / "step-1", out / "step-2"))
+    start, first, second = (unet_state(d) for d in (tiny_student_dir, out / "step-1", out / "step-2"))
     assert any(not torch.equal(start[k], first[k]) for k in start)  # trained
     assert any(not torch.equal(first[k], second[k]) for k in start)
     student = model.load(str(out / "step-2"))
@@ -73,7 +62,7 @@ def test_zero_learning_rate_changes_nothing_and_a_teacher_is_refused(probe, tiny
     out = tmp_path / "lr0"
     assert probe.main(["--model", tiny_student_dir, "--out", str(out), "--captions", "2", "--steps", "1",
                        "--batch-size", "1", "--lr", "0"]) == 0
-    start, end = _unet_state(tiny_student_dir), _unet_state(out / "step-1")
+    start, end = unet_state(tiny_student_dir), unet_state(out / "step-1")
     assert all(torch.equal(start[k], end[k]) for k in start)
     with pytest.raises(SystemExit, match="was made for"):  # the cached targets belong to another caption count
         probe.main(["--model", tiny_student_dir, "--out", str(out), "--captions", "3", "--steps", "1"])
