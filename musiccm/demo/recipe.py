@@ -253,8 +253,9 @@ def stage_classifier(cfg: RecipeConfig, data: DemoData, device: str = "cpu") -> 
 
 # Named sizes for `recipes/demo/train.py --preset`. "hour" made the shipped default model, musiccm-demo-v4: the whole
 # recipe with one 300-step distillation ran in 54–91 min measured on 2 cores; hour.sh now distils 750 steps and took
-# 119 min end to end on 2026-12-02 (≈ 103 min of its own work). It has a faster teacher schedule and a CLAP whose
-# text tower first learns the captions' labels alone
+# 30 min end to end on 2026-12-02 with the distillation job's report fix, on a day the 2-core machine ran about 3
+# times faster than for an earlier 119-min timing (recipes/demo/README.md). It has a faster teacher schedule and a
+# CLAP whose text tower first learns the captions' labels alone
 # (without that warm-up, 500 CLAP steps left the captions' embeddings barely separated by instrument and the
 # teacher followed its prompts weakly). "full" made the
 # first default, musiccm-demo-v1 (≈ 2.4 h of training on 2 cores, then ≈ 36 min per distillation).

@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="where the training stages run: auto (cuda when a GPU is "
                    "visible, else cpu), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--preset", choices=list(recipe.PRESETS), default="full",
-                   help="named sizes: 'hour' (the shipped model's; with hour.sh's 750-step distillation 119 min end "
-                        "to end on 2 cores, ≈ 103 of it the recipe's own work; 54–91 min in earlier runs with a "
-                        "300-step one), 'full' (the first default model's, ≈ 3 h) (default: full)")
+                   help="named sizes: 'hour' (the shipped model's; with hour.sh's 750-step distillation 30 min end "
+                        "to end on 2 cores on a fast day, 119 min on a slow one before a fix to the distillation "
+                        "job; recipes/demo/README.md), 'full' (the first default model's, ≈ 3 h) (default: full)")
     for f in dataclasses.fields(recipe.RecipeConfig):
         by_preset = ", ".join(f"{name}: {getattr(cfg, f.name)}" for name, cfg in recipe.PRESETS.items())
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
