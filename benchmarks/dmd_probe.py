@@ -77,6 +77,7 @@ def conditions(c, captions: list[str], batch: int = 256) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     from musiccm import external, model, synthetic
+    from musiccm.pipeline import consistency_timesteps
     from musiccm.schedule import alpha_bar, consistency_output, renoise
 
     args = parse(argv)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     captions = [synthetic.clip(i, 0)[1] for i in range(args.captions)]
     cond_s, cond_t = conditions(s, captions), conditions(t, captions)
     uncond = conditions(t, [""])[0]
-    grids = {k: _grid(s, k) for k in range(1, 7)}
+    grids = {k: consistency_timesteps(s, k, s.extra.get("max_timestep")) for k in range(1, 7)}
     first = grids[1][0]
     later = torch.tensor(sorted({x for k in range(2, 7) for x in grids[k][1:]}))
     frozen = copy.deepcopy(s.unet).eval().requires_grad_(False)
@@ -168,15 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             s.unet.train()
     log.close()
     return 0
-
-
-def _grid(c, steps: int) -> list[int]:
-    """The student's consistency sampling timesteps for ``steps`` steps, from its own first timestep."""
-    from musiccm.schedule import lcm_timesteps
-
-    sched = c.scheduler.config
-    return lcm_timesteps(steps, sched.num_train_timesteps, sched.get("original_inference_steps", 50),
-                         c.extra.get("max_timestep"))
 
 
 def _with_unet(c, unet):

@@ -49,11 +49,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def grid(c, steps: int) -> list[int]:
     """The student's consistency sampling timesteps for ``steps`` steps, from its own first timestep."""
-    from musiccm.schedule import lcm_timesteps
+    from musiccm.pipeline import consistency_timesteps
 
-    sched = c.scheduler.config
-    return lcm_timesteps(steps, sched.num_train_timesteps, sched.get("original_inference_steps", 50),
-                         c.extra.get("max_timestep"))
+    return consistency_timesteps(c, steps, c.extra.get("max_timestep"))
 
 
 def jump(denoise, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

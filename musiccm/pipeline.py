@@ -17,6 +17,13 @@ from musiccm.schedule import lcm_timesteps
 MAX_SEED = 2**63 - 1
 
 
+def consistency_timesteps(c: MusicLDMComponents, steps: int, max_timestep: int | None = None) -> list[int]:
+    """A consistency student's sampling timesteps on its scheduler's grid (schedule.lcm_timesteps), from
+    ``max_timestep`` (None: LCM's own, from t = 999)."""
+    sched = c.scheduler.config
+    return lcm_timesteps(steps, sched.num_train_timesteps, sched.get("original_inference_steps", 50), max_timestep)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to sample; ``None`` fields take the model's defaults (see :meth:`MusicCM.resolve`)."""
@@ -76,15 +83,10 @@ class MusicCM:
             n_train = self.c.scheduler.config.num_train_timesteps
             if max_t is not None and not (isinstance(max_t, int) and 0 <= max_t < n_train):
                 raise ValueError(f"max_timestep must be an integer in 0..{n_train - 1}, got {max_t!r}")
-            self._consistency_timesteps(steps, max_t)  # raises if steps do not fit below max_timestep
+            consistency_timesteps(self.c, steps, max_t)  # raises if steps do not fit below max_timestep
         elif config.max_timestep is not None:
             raise ValueError("max_timestep applies to consistency students only; this model samples with DDIM")
         return replace(config, steps=steps, guidance_scale=float(guidance), hop_frames=hop, max_timestep=max_t)
-
-    def _consistency_timesteps(self, steps: int, max_timestep: int | None) -> list[int]:
-        """The student's sampling timesteps on its scheduler's grid (schedule.lcm_timesteps)."""
-        sched = self.c.scheduler.config
-        return lcm_timesteps(steps, sched.num_train_timesteps, sched.get("original_inference_steps", 50), max_timestep)
 
     def check_duration(self, duration: float, max_duration: float | None = None) -> float:
         """Validate a requested duration in seconds; return it as a float."""
@@ -136,7 +138,7 @@ class MusicCM:
         # 3. The trajectory.
         ac = self.c.scheduler.alphas_cumprod
         if self.c.is_consistency:
-            ts = self._consistency_timesteps(cfg.steps, cfg.max_timestep)
+            ts = consistency_timesteps(self.c, cfg.steps, cfg.max_timestep)
             latents = sample_consistency(denoise, x_T, cond.to(device), ts, ac, generators)
         else:
             self.c.scheduler.set_timesteps(cfg.steps)
