@@ -54,6 +54,19 @@ def model_output_to_x0(
     raise ValueError(f"prediction_type {prediction_type!r} is not one of epsilon, v_prediction, sample")
 
 
+def training_target(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What a UNet of ``prediction_type`` is trained to output at x_t = renoise(x0, noise, a): ε, v = √ᾱ·ε − √(1−ᾱ)·x0
+    (diffusers' ``get_velocity``), or x0 — the inverse of :func:`model_output_to_x0`."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = append_dims(a, x0.ndim).to(x0.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of epsilon, v_prediction, sample")
+
+
 def ddim_step(
     x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor
 ) -> torch.Tensor:

@@ -162,6 +162,7 @@ def job_argv(teacher: str, max_steps: int) -> list[str]:
         "--validation-prompts", *PROMPTS, "--validation-steps", "1", "2", "4", "--max-failures", "1",
         "--tiny-feature-network", "--warmup-steps", "2", "--lr", "1e-4", "--seed", "0",
         "--student-init", teacher,  # the worker's load_unet path (the same weights, so nothing else changes)
+        "--dmd-weight", "0.5", "--fake-updates", "1",  # the fake score: a third DDP module, checkpointed and resumed
     ]
 
 
@@ -395,7 +396,7 @@ def test_checkpoints_in_s3_are_safetensors_and_json(first_run: Outcome, tmp_path
     local = Path(storage.download_dir(f"{RUN}/checkpoint-000004", str(tmp_path / "ck")))
     tensors = load_file(str(local / "state.safetensors"))
     groups = {k.split("/", 1)[0] for k in tensors}
-    assert {"student", "target", "heads", "opt_g", "opt_d"} <= groups, groups
+    assert {"student", "target", "heads", "opt_g", "opt_d", "fake", "opt_fake"} <= groups, groups
 
 
 @pytest.mark.slow
@@ -408,8 +409,10 @@ def test_injected_failure_resumes_from_checkpoint_without_repeating_steps(first_
     assert by_step[3]["resumed_from"] == 2 and by_step[4]["resumed_from"] == 2
     assert [by_step[s]["epoch"] for s in steps] == [0, 0, 1, 1]  # epoch 0 was used up at the checkpoint
     for r in first_run.history:
-        for key in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "lr", "samples_per_s", "skipped_rows"):
+        for key in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "dmd_loss", "fake_loss", "lr", "samples_per_s",
+                    "skipped_rows"):
             assert np.isfinite(r[key]), (key, r)
+        assert r["dmd_loss"] > 0 and r["fake_loss"] > 0, r  # --dmd-weight: distribution matching ran every step
     assert by_step[4]["skipped_rows"] >= by_step[1]["skipped_rows"] and by_step[4]["skipped_rows"] >= 1
     assert by_step[4]["lr"] == pytest.approx(1e-4)  # warm-up over 2 steps is over, across the restart
 

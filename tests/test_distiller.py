@@ -84,6 +84,9 @@ def test_config_round_trip_and_validation():
         ({"name": "a/b"}, "name"), ({"adv_weight": 0.0, "distill_weight": 0.0}, "distill_weight"),
         ({"max_train_timestep": 5}, "integer in 19..999"), ({"max_train_timestep": 1000}, "max_train_timestep"),
         ({"report_every_s": -1.0}, "report_every_s"), ({"report_every_s": float("nan")}, "0 = every step"),
+        ({"dmd_weight": -1.0}, "dmd_weight"), ({"dmd_timestep": 1000}, "dmd_timestep"),
+        ({"dmd_min_t": 500, "dmd_max_t": 400}, "dmd_max_t"), ({"fake_updates": 0}, "fake_updates"),
+        ({"fake_lr": 0.0}, "fake_lr"),
     ]:
         with pytest.raises(ValueError, match=words) as info:
             dataclasses.replace(cfg, **change).validate()
@@ -302,6 +305,61 @@ def test_adv_weight_zero_is_the_no_adversary_ablation(teacher, batch):
     assert not any(k.startswith(("heads/", "opt_d/")) for k in d.checkpoint_tensors())
 
 
+def test_dmd_generator_timestep_defaults_to_the_one_step_sampling_timestep():
+    assert DistillConfig().generator_timestep == 999
+    assert DistillConfig(max_train_timestep=699).generator_timestep == 699
+    assert DistillConfig(max_train_timestep=699, dmd_timestep=500).generator_timestep == 500
+    # distribution matching alone is a valid objective
+    DistillConfig(distill_weight=0.0, adv_weight=0.0, dmd_weight=1.0).validate()
+
+
+def test_distribution_matching_loss_gradient_is_the_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x0, real, fake = (torch.randn(2, 3, 4, 5, generator=g) for _ in range(3))
+    x = x0.clone().requires_grad_(True)
+    losses.distribution_matching_loss(x, real, fake).backward()
+    scale = (x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x.grad, (fake - real) / scale / x0.numel())
+    x.grad = None
+    losses.distribution_matching_loss(x, real, real).backward()  # fake score == real score: nothing to match
+    assert float(x.grad.abs().max()) == 0.0
+
+
+def test_dmd_step_trains_student_and_fake_score_and_round_trips(teacher, batch):
+    """dmd_weight > 0: a fake score (a float32 copy of the teacher's UNet) beside the student; one step moves the
+    student and the fake score, not the teacher; the checkpoint holds the fake score and its optimiser and
+    resumes exactly; a run without DMD refuses it."""
+    cfg = DistillConfig(**FAST, adv_weight=0.0, dmd_weight=2.0, fake_updates=2, max_train_timestep=699)
+    d = Distiller(teacher, cfg)
+    assert d.disc is None and max_diff(params(teacher.unet), params(d.fake_module)) == 0.0
+    teacher0, student0, fake0 = params(teacher.unet), params(d.student_module), params(d.fake_module)
+    m = d.train_step(batch)
+    assert m["dmd_loss"] > 0 and m["fake_loss"] > 0 and m["fake_skipped"] == 0.0
+    assert m["loss"] == pytest.approx(3.0 * m["distill_loss"] + 2.0 * m["dmd_loss"], rel=1e-5)
+    assert max_diff(teacher0, params(teacher.unet)) == 0.0
+    assert max_diff(student0, params(d.student_module)) > 0 and max_diff(fake0, params(d.fake_module)) > 0
+    tensors = d.checkpoint_tensors()
+    assert any(k.startswith("fake/") for k in tensors) and any(k.startswith("opt_fake/") for k in tensors)
+    blob, meta = save(tensors), json.loads(json.dumps(d.checkpoint_meta()))
+    d.train_step(batch)
+    resumed = Distiller(teacher, cfg)
+    resumed.restore(load(blob), meta)
+    resumed.train_step(batch)
+    assert resumed.step == d.step == 2
+    assert max_diff(d.checkpoint_tensors(), resumed.checkpoint_tensors()) < 1e-6
+    with pytest.raises(ValueError, match="dmd_weight"):
+        Distiller(teacher, dataclasses.replace(cfg, dmd_weight=0.0)).restore(load(blob), meta)
+
+
+def test_dmd_moves_the_student_only_where_teacher_and_fake_score_disagree(teacher, batch):
+    """The fake score starts as the teacher: at w = 0 (real score = the unguided teacher) the first step's
+    distribution-matching gradient vanishes (up to the rounding of CFG's uncond + 1·(cond − uncond)), with guidance
+    (w = 2) the real score differs and the student gets a gradient. Catches a DMD term wired to the wrong models."""
+    base = dict(FAST, adv_weight=0.0, distill_weight=0.0, dmd_weight=1.0, fake_updates=1, warmup_steps=0)
+    norms = {w: Distiller(teacher, DistillConfig(**base, w=w)).train_step(batch)["grad_norm"] for w in (0.0, 2.0)}
+    assert norms[2.0] > 1e-3 and norms[0.0] < 1e-2 * norms[2.0], norms  # measured: 2e-5 against 3e-2
+
+
 def test_clap_feature_network_option(teacher, batch):
     with pytest.raises(ValueError, match=r"out of range .* 4 blocks"):
         Distiller(teacher, DistillConfig(**FAST, feature_network="clap"))  # default layers are for 12 blocks
@@ -407,7 +465,9 @@ def worker(rank, port, out):
     from musiccm.distill.distiller import Distiller
 
     # adv_timesteps: a second student call before the backward, as DDP must handle too
-    cfg = DistillConfig(tiny_feature_network=True, warmup_steps=0, w_min=1.0, w_max=3.0, adv_timesteps=(699, 359))
+    # dmd_weight: the fake score is a third DDP module, updated after the student and the heads
+    cfg = DistillConfig(tiny_feature_network=True, warmup_steps=0, w_min=1.0, w_max=3.0, adv_timesteps=(699, 359),
+                        dmd_weight=1.0, fake_updates=1)
     d = Distiller(build_components("tiny", seed=0, window=8), cfg, wrap=DDP, rank=rank)
     g = torch.Generator().manual_seed(rank)  # each rank its own data
     batch = PreparedBatch(torch.randn(2, 8, 8, 16, generator=g), torch.randn(2, 512, generator=g),
@@ -424,8 +484,9 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_ddp_wrap_keeps_ranks_identical(tmp_path):
-    """Two gloo ranks, DDP around the student and the heads (what Ray's prepare_model does): different data,
-    identical weights, EMA targets, heads and optimiser states after each step (R1's double backward included)."""
+    """Two gloo ranks, DDP around the student, the heads and the fake score (what Ray's prepare_model does):
+    different data, identical weights, EMA targets, heads, fake scores and optimiser states after each step (R1's
+    double backward included)."""
     import subprocess
     import sys
 

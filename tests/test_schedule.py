@@ -18,8 +18,10 @@ from musiccm.schedule import (
     ema_update,
     guidance_scale_embedding,
     lcm_timesteps,
+    model_output_to_x0,
     renoise,
     solver_grid,
+    training_target,
     x0_from_eps,
 )
 from musiccm.student import consistency_scheduler
@@ -97,6 +99,21 @@ def test_lcm_timesteps_below_a_max_timestep():
         lcm_timesteps(4, max_timestep=59)
     with pytest.raises(ValueError, match="below the grid"):
         lcm_timesteps(1, max_timestep=10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_target_matches_diffusers_and_inverts_model_output_to_x0(ddim, prediction_type):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([10, 500, 990])
+    a = ddim.alphas_cumprod[t]
+    target = training_target(x0, noise, a, prediction_type)
+    if prediction_type == "v_prediction":
+        torch.testing.assert_close(target, ddim.get_velocity(x0, noise, t))
+    torch.testing.assert_close(model_output_to_x0(target, renoise(x0, noise, a), a, prediction_type), x0,
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        training_target(x0, noise, a, "flow")
 
 
 def test_boundary_conditions():

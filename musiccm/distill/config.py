@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from musiccm.defaults import DEFAULT_MODEL
+from musiccm.schedule import lcm_timesteps
 
 LOSS_TYPES = ("huber", "l2")
 FEATURE_NETWORKS = ("audiomae", "clap")
@@ -78,6 +79,19 @@ class DistillConfig:
     # student at its sampling steps): e.g. 699 (a 1-step student). Empty = the consistency interval's t_{n+k},
     # the same estimate L_distil uses (no extra UNet call).
     adv_timesteps: tuple[int, ...] = ()
+    # --- distribution matching (DMD, Yin et al. 2024; DMD2): the 1-step jump's outputs are pushed from where a
+    # "fake" score model (a copy of the teacher's UNet trained on the student's own outputs) would denoise them
+    # towards where the teacher with CFG 1 + w would. It targets the 1-step quality a consistency regression
+    # settles short of; L_distil then keeps the later sampling steps consistent. Costs a trainable UNet copy
+    # (+ AdamW state) and fake_updates + 3 UNet calls per step.
+    dmd_weight: float = 0.0  # 0 = off (no fake score is built)
+    # The generator's timestep: the student's jump from pure noise at its 1-step sampling timestep. None = the
+    # LCM 1-step timestep of the solver grid cut at max_train_timestep (699 for max_train_timestep=699, else 999).
+    dmd_timestep: int | None = None
+    dmd_min_t: int = 20  # timesteps the generated clips are noised to for matching (DMD2: 2 %..98 % of T)
+    dmd_max_t: int = 980
+    fake_lr: float = 1e-4  # the fake score's AdamW lr (DMD2: a faster critic)
+    fake_updates: int = 4  # fake-score updates per student step (DMD2's two time-scale rule uses 5)
     crop_seconds: float | None = None  # None = the teacher's native window
     # Per-worker memory (MiB) for the latents of clips no longer than the window (never cropped, so the same
     # every epoch); 0 = encode every clip every time. Results are unchanged: it only skips repeated VAE encodes.
@@ -114,6 +128,13 @@ class DistillConfig:
     def has_w_range(self) -> bool:
         """True when w is sampled from [w_min, w_max] and the student embeds it."""
         return self.w_min is not None and self.w_max is not None
+
+    @property
+    def generator_timestep(self) -> int:
+        """The timestep of the DMD generator's jump (see ``dmd_timestep``)."""
+        if self.dmd_timestep is not None:
+            return self.dmd_timestep
+        return lcm_timesteps(1, 1000, self.num_ddim_timesteps, self.max_train_timestep)[0]
 
     @property
     def guidance_scale(self) -> float:
@@ -197,8 +218,16 @@ class DistillConfig:
         need(finite(self.adv_weight) and self.adv_weight >= 0, "adv_weight", "a float >= 0 (0 = w/o L_adv)")
         need(not self.adv_timesteps or self.adv_weight > 0, "adv_timesteps",
              "empty when adv_weight is 0 (there is no adversarial term to judge at them)")
-        need(self.distill_weight > 0 or self.adv_weight > 0, "distill_weight",
-             "> 0, or adv_weight > 0 (at least one loss term)")
+        need(finite(self.dmd_weight) and self.dmd_weight >= 0, "dmd_weight", "a float >= 0 (0 = off)")
+        need(self.distill_weight > 0 or self.adv_weight > 0 or self.dmd_weight > 0, "distill_weight",
+             "> 0, or adv_weight or dmd_weight > 0 (at least one loss term)")
+        need(self.dmd_timestep is None or (integer(self.dmd_timestep) and 0 <= self.dmd_timestep <= 999),
+             "dmd_timestep", "None (the 1-step sampling timestep) or an integer in 0..999")
+        need(integer(self.dmd_min_t) and 0 <= self.dmd_min_t <= 999, "dmd_min_t", "an integer in 0..999")
+        need(integer(self.dmd_max_t) and self.dmd_min_t <= self.dmd_max_t <= 999, "dmd_max_t",
+             f"an integer in {self.dmd_min_t}..999 (>= dmd_min_t)")
+        need(finite(self.fake_lr) and 0 < self.fake_lr <= 1, "fake_lr", "a float in (0, 1]")
+        need(integer(self.fake_updates) and self.fake_updates >= 1, "fake_updates", "an integer >= 1")
         need(self.feature_network in FEATURE_NETWORKS, "feature_network", f"one of {FEATURE_NETWORKS}")
         need(self.audiomae_path is None or (isinstance(self.audiomae_path, str) and bool(self.audiomae_path)),
              "audiomae_path", "None or a path to a .safetensors file")

@@ -1,8 +1,9 @@
 """One consistency-distillation run's state and step: student, EMA target, discriminator, optimisers.
 
 ``Distiller.train_step`` is MusicCM §3.1–3.2 (L = adv_weight·L_adv^G + λ·L_distil, then the discriminator's
-hinge + γ/2·R1), built from the pure functions of :mod:`musiccm.distill.losses`. It knows nothing of Ray:
-the job passes ``wrap`` (Ray's ``prepare_model``: DDP) for the trainable modules and saves
+hinge + γ/2·R1), built from the pure functions of :mod:`musiccm.distill.losses`; with ``dmd_weight`` > 0 also
+DMD2's distribution matching (+ dmd_weight·L_DMD on the student's 1-step jump, then updates of a fake score).
+It knows nothing of Ray: the job passes ``wrap`` (Ray's ``prepare_model``: DDP) for the trainable modules and saves
 ``checkpoint_tensors()`` (safetensors) + ``checkpoint_meta()`` (JSON) wherever it likes.
 
 Randomness: the noise, timesteps and guidance weights of step s on rank r come from a generator seeded
@@ -28,6 +29,7 @@ from musiccm.distill.data import LatentCache, PreparedBatch, prepare_batch, wind
 from musiccm.distill.discriminator import Discriminator
 from musiccm.distill.losses import (
     consistency_distillation_loss,
+    distribution_matching_loss,
     hinge_d_loss,
     hinge_g_loss,
     r1_penalty,
@@ -38,7 +40,18 @@ from musiccm.distill.losses import (
 )
 from musiccm.model import MusicLDMComponents
 from musiccm.sampling import randn
-from musiccm.schedule import alpha_bar, ema_update, eps_from_x0, guidance_scale_embedding, model_output_to_x0
+from musiccm.schedule import (
+    alpha_bar,
+    classifier_free_guidance,
+    consistency_output,
+    ema_update,
+    eps_from_x0,
+    guidance_scale_embedding,
+    model_output_to_x0,
+    renoise,
+    training_target,
+    x0_from_eps,
+)
 from musiccm.student import as_student
 
 CHECKPOINT_FORMAT = 1
@@ -177,18 +190,32 @@ class Distiller:
         if self.disc is not None:
             self.disc = self.disc.to(self.device).train()
             self.heads = wrap(self.disc.heads) if wrap else self.disc.heads
-        # 4. Optimisers: AdamW for the student (LCM); Adam(0, 0.99) for the heads (StyleGAN-T/ADD GAN practice).
+        # 4. The fake score of distribution matching: a trainable float32 copy of the teacher's UNet (DMD2).
+        self.fake_module: nn.Module | None = None
+        self.fake: nn.Module | None = None
+        if config.dmd_weight > 0:
+            self.fake_module = copy.deepcopy(teacher.unet).to(self.device, torch.float32).train().requires_grad_(True)
+            if config.gradient_checkpointing:
+                self.fake_module.enable_gradient_checkpointing()
+            self.fake = wrap(self.fake_module) if wrap else self.fake_module
+        # 5. Optimisers: AdamW for the student (LCM); Adam(0, 0.99) for the heads (StyleGAN-T/ADD GAN practice);
+        # AdamW for the fake score.
         self.opt_g = torch.optim.AdamW([p for _, p in self._student_params], lr=config.lr,
                                        weight_decay=config.weight_decay)
         self.opt_d = None
         if self.disc is not None:
             self.opt_d = torch.optim.AdamW(self.disc.heads.parameters(), lr=config.disc_lr, betas=(0.0, 0.99),
                                            weight_decay=config.weight_decay)
-        # 5. Mixed precision (GPU only): autocast; a GradScaler for fp16.
+        self.opt_fake = None
+        if self.fake_module is not None:
+            self.opt_fake = torch.optim.AdamW(self.fake_module.parameters(), lr=config.fake_lr,
+                                              weight_decay=config.weight_decay)
+        # 6. Mixed precision (GPU only): autocast; a GradScaler for fp16 (one per loss-scaled optimiser).
         on_gpu = self.device.type == "cuda"
         amp = config.mixed_precision if on_gpu else "no"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.fake_scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and self.fake is not None)
 
     # ------------------------------------------------------------------ model callables (losses contract)
     def _w_emb(self, w: torch.Tensor, dim: int | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -203,8 +230,12 @@ class Distiller:
         return x0
 
     def _teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self._eps(self.teacher.unet, x_t, t, cond)
+
+    def _eps(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """ε of a UNet with the teacher's architecture and objective (the teacher, or the fake score)."""
         w_emb = self._w_emb(torch.zeros(x_t.shape[0]), self.teacher_w_dim, x_t.dtype)  # distilled teacher: w = 0
-        out = unet_forward(self.teacher.unet, x_t, t, cond, w_emb).float()
+        out = unet_forward(unet, x_t, t, cond, w_emb).float()
         if self.prediction_type == "epsilon":
             return out
         a = alpha_bar(self.alphas, t, float(self.alphas[0]))
@@ -226,14 +257,14 @@ class Distiller:
         return prepare_batch(rows, self.teacher, self.config, generator, self.latent_cache)
 
     def set_lr(self) -> tuple[float, float]:
-        """Warm-up learning rates for the current step, applied to both optimisers."""
-        lr = warmup_lr(self.config.lr, self.step, self.config.warmup_steps)
-        disc_lr = warmup_lr(self.config.disc_lr, self.step, self.config.warmup_steps)
-        for group in self.opt_g.param_groups:
-            group["lr"] = lr
-        if self.opt_d is not None:
-            for group in self.opt_d.param_groups:
-                group["lr"] = disc_lr
+        """Warm-up learning rates for the current step, applied to every optimiser; returns (lr, disc_lr)."""
+        cfg = self.config
+        lr = warmup_lr(cfg.lr, self.step, cfg.warmup_steps)
+        disc_lr = warmup_lr(cfg.disc_lr, self.step, cfg.warmup_steps)
+        for opt, value in ((self.opt_g, lr), (self.opt_d, disc_lr),
+                           (self.opt_fake, warmup_lr(cfg.fake_lr, self.step, cfg.warmup_steps))):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = value
         return lr, disc_lr
 
     def _clip(self, params: list[torch.Tensor]) -> float:
@@ -259,7 +290,7 @@ class Distiller:
         t, t_prev = t.to(self.device), t_prev.to(self.device)
         w = sample_guidance(b, cfg.w, cfg.w_min, cfg.w_max, gen).to(self.device)
         lr, disc_lr = self.set_lr()
-        # 2. Generator step: λ·L_distil + adv_weight·L_adv^G.
+        # 2. Generator step: λ·L_distil + adv_weight·L_adv^G (+ dmd_weight·L_DMD).
         self.student.train()
         with self._autocast():
             distill, pred = consistency_distillation_loss(
@@ -278,6 +309,10 @@ class Distiller:
                 fake_logits = torch.func.functional_call(self.disc.heads, frozen, (fake_feats, c))
                 adv_g = hinge_g_loss(fake_logits)
                 loss_g = loss_g + cfg.adv_weight * adv_g
+            dmd, generated = torch.zeros((), device=self.device), None
+            if self.fake is not None:
+                dmd, generated = self._dmd_loss(cond, w, gen, tuple(x0.shape))
+                loss_g = loss_g + cfg.dmd_weight * dmd
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss_g).backward()
         self.scaler.unscale_(self.opt_g)
@@ -285,12 +320,16 @@ class Distiller:
         self.scaler.step(self.opt_g)
         self.scaler.update()
         ema_update([tp for tp, _ in self._ema_pairs], [sp for _, sp in self._ema_pairs], cfg.ema_rate)
-        metrics = {"distill_loss": distill.item(), "adv_g_loss": adv_g.item(), "loss": loss_g.item(),
+        metrics = {"distill_loss": distill.item(), "adv_g_loss": adv_g.item(), "dmd_loss": dmd.item(),
+                   "loss": loss_g.item(),
                    "lr": lr, "grad_norm": grad_norm, "grad_scale": float(self.scaler.get_scale()) if
                    self.scaler.is_enabled() else 1.0}
         # 3. Discriminator step: hinge + γ/2·R1 on the heads' input features of real clips (fp32).
         metrics.update(self._d_step([f.detach() for f in fake_feats], real_feats, c) if self.disc is not None
                        else {"adv_d_loss": 0.0, "r1": 0.0, "disc_grad_norm": 0.0, "disc_skipped": 0.0})
+        # 4. Fake score (DMD2): the teacher's own objective on this step's generated clips.
+        metrics.update(self._fake_step(generated, cond, gen) if generated is not None
+                       else {"fake_loss": 0.0, "fake_skipped": 0.0})
         metrics.update({"disc_lr": disc_lr if self.disc is not None else 0.0, "batch_size": float(b),
                         "skipped": float(batch.skipped), "t_mean": float(t.float().mean()),
                         "w_mean": float(w.mean())})
@@ -309,6 +348,58 @@ class Distiller:
         s = torch.tensor(choices, device=gen.device)[pick].to(self.device)
         noise = randn(x0.shape, gen, self.device)
         return student_jump(self._x0_fn(self.student), x0, noise, s, cond, w, self.alphas)[1]
+
+    def _noised(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+        """``x0`` noised to a timestep in [dmd_min_t, dmd_max_t] per clip → (x_t, t, ᾱ_t, noise)."""
+        cfg = self.config
+        t = torch.randint(cfg.dmd_min_t, cfg.dmd_max_t + 1, (x0.shape[0],), generator=gen).to(self.device)
+        noise = randn(tuple(x0.shape), gen, self.device)
+        a = alpha_bar(self.alphas, t, float(self.alphas[0]))
+        return renoise(x0, noise, a), t, a, noise
+
+    def _dmd_loss(self, cond: torch.Tensor, w: torch.Tensor, gen: torch.Generator,
+                  shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distribution matching (DMD): the student's 1-step sample from fresh noise, noised again to a random t
+        and denoised there by the teacher with CFG 1 + w (real score) and by the fake score, gives the loss of
+        :func:`distribution_matching_loss`; returns it and the (detached) generated clips."""
+        b = shape[0]
+        x_T = randn(shape, gen, self.device)  # what sampling starts from: pure noise at the first timestep
+        t1 = torch.full((b,), self.config.generator_timestep, dtype=torch.long, device=self.device)
+        x0 = consistency_output(x_T, self._x0_fn(self.student)(x_T, t1, cond, w), t1)
+        x_t, t, a, _ = self._noised(x0.detach(), gen)
+        with torch.no_grad():
+            uncond = self.uncond.to(cond).expand(b, -1)
+            eps_c, eps_u = self._teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                             torch.cat([cond, uncond])).chunk(2)
+            x0_real = x0_from_eps(x_t.float(), classifier_free_guidance(eps_c, eps_u, 1.0 + w), a)
+            assert self.fake_module is not None
+            x0_fake = x0_from_eps(x_t.float(), self._eps(self.fake_module, x_t, t, cond), a)
+        return distribution_matching_loss(x0, x0_real, x0_fake), x0.detach()
+
+    def _fake_step(self, generated: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+        """``fake_updates`` steps of the fake score on the generated clips with the teacher's diffusion objective."""
+        assert self.fake is not None and self.fake_module is not None and self.opt_fake is not None
+        total, skipped = 0.0, 0
+        w_emb = self._w_emb(torch.zeros(generated.shape[0]), self.teacher_w_dim, generated.dtype)
+        for _ in range(self.config.fake_updates):
+            x_t, t, a, noise = self._noised(generated, gen)
+            with self._autocast():
+                out = unet_forward(self.fake, x_t, t, cond, w_emb).float()
+            loss = torch.nn.functional.mse_loss(out, training_target(generated, noise, a, self.prediction_type))
+            self.opt_fake.zero_grad(set_to_none=True)
+            self.fake_scaler.scale(loss).backward()
+            self.fake_scaler.unscale_(self.opt_fake)
+            norm = self._clip(list(self.fake_module.parameters()))
+            if self.fake_scaler.is_enabled():
+                self.fake_scaler.step(self.opt_fake)  # skips non-finite steps itself
+                self.fake_scaler.update()
+            elif math.isfinite(norm):  # the norm is of all-reduced gradients: the same decision on every rank
+                self.opt_fake.step()
+            else:
+                skipped += 1
+            total += loss.item() / self.config.fake_updates
+        return {"fake_loss": total, "fake_skipped": float(skipped)}
 
     def _d_step(self, fake_feats: list[torch.Tensor], real_feats: list[torch.Tensor],
                 c: torch.Tensor) -> dict[str, float]:
@@ -338,10 +429,13 @@ class Distiller:
         groups = {"student": {n: p for n, p in self._student_params}, "target": {n: target[n] for n in names}}
         if self.disc is not None:
             groups["heads"] = dict(self.disc.heads.state_dict())
+        if self.fake_module is not None:
+            groups["fake"] = dict(self.fake_module.state_dict())
         return groups
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"opt_g": self.opt_g, **({"opt_d": self.opt_d} if self.opt_d is not None else {})}
+        named = {"opt_g": self.opt_g, "opt_d": self.opt_d, "opt_fake": self.opt_fake}
+        return {k: opt for k, opt in named.items() if opt is not None}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Student (trainable parameters), EMA target, heads and optimiser state as flat CPU tensors
@@ -361,6 +455,8 @@ class Distiller:
             "config": self.config.to_dict(),
             "optimizers": {k: opt.state_dict()["param_groups"] for k, opt in self._optimizers().items()},
             "scaler": {k: (float(v) if isinstance(v, float) else v) for k, v in self.scaler.state_dict().items()},
+            "fake_scaler": {k: (float(v) if isinstance(v, float) else v)
+                            for k, v in self.fake_scaler.state_dict().items()},
             "rng": {"torch": torch.get_rng_state().tolist()},
             "trainable": [n for n, _ in self._student_params],
             "guidance_embedding": self.w_dim is not None,
@@ -376,9 +472,10 @@ class Distiller:
             if getattr(saved, key) != getattr(self.config, key):
                 raise ValueError(f"checkpoint was made with {key}={getattr(saved, key)!r}, this run has "
                                  f"{getattr(self.config, key)!r}; resume with the same model structure")
-        if (saved.adv_weight > 0) != (self.config.adv_weight > 0):
-            raise ValueError(f"checkpoint has adv_weight={saved.adv_weight}, this run {self.config.adv_weight}: "
-                             "a run cannot switch the discriminator on or off when resuming")
+        for key, part in (("adv_weight", "the discriminator"), ("dmd_weight", "the fake score")):
+            if (getattr(saved, key) > 0) != (getattr(self.config, key) > 0):
+                raise ValueError(f"checkpoint has {key}={getattr(saved, key)}, this run {getattr(self.config, key)}: "
+                                 f"a run cannot switch {part} on or off when resuming")
         with torch.no_grad():
             for group, named in self._named_state().items():
                 missing = [n for n in named if f"{group}/{n}" not in tensors]
@@ -393,8 +490,9 @@ class Distiller:
                     _, idx, field = name.split("/", 2)
                     state.setdefault(int(idx), {})[field] = value.clone()
             opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][key]})
-        if meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
+        for key, scaler in (("scaler", self.scaler), ("fake_scaler", self.fake_scaler)):
+            if meta.get(key):
+                scaler.load_state_dict(meta[key])
         torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
         self.step = int(meta["step"])
         self.set_lr()

@@ -140,6 +140,21 @@ def consistency_distillation_loss(
     return consistency_loss(pred, target_pred, loss_type, huber_c), pred
 
 
+def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's generator loss (Yin et al. 2024, eq. 7–8 with DMD2's normalisation): ½‖x0 − sg(x0 − g)‖², mean.
+
+    ``x0_real`` and ``x0_fake`` are the real score's (teacher, CFG) and the fake score's denoised estimates of
+    ``x0`` noised to some t; g = (x0_fake − x0_real) / mean|x0 − x0_real| per clip, so the loss's gradient w.r.t.
+    x0 is g / numel: it moves each generated clip from where the fake score (its own distribution) would put it
+    towards where the teacher would.
+    """
+    with torch.no_grad():
+        dims = tuple(range(1, x0.ndim))
+        scale = (x0.float() - x0_real.float()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-6)
+        grad = torch.nan_to_num((x0_fake.float() - x0_real.float()) / scale)
+    return 0.5 * F.mse_loss(x0.float(), (x0.float() - grad).detach())
+
+
 def _mean_over_heads(values: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float() for v in values]).mean()
 

@@ -69,6 +69,17 @@ HELP: dict[str, str] = {
     "per clip (several arguments; e.g. 699 for a student sampled in 1 step from t = 699, or its whole sampling "
     "schedule); costs one more student UNet call per step. Not given: the consistency interval's t_{n+k}, the "
     "estimate the distillation loss uses",
+    "dmd_weight": "weight of the distribution-matching loss (DMD/DMD2) on the student's 1-step jump: a fake-score "
+    "UNet (a copy of the teacher's, trained on the student's outputs) and the teacher with CFG w + 1 judge "
+    "the jump's outputs noised to t in [dmd_min_t, dmd_max_t]. 0 = off; for fine-tuning a distilled student "
+    "(--student-init) towards better 1-step samples. Costs a trainable UNet copy and fake_updates + 3 UNet calls "
+    "per step",
+    "dmd_timestep": "timestep of the generator's jump from pure noise (default: the student's 1-step sampling "
+    "timestep, 699 with --max-train-timestep 699, else 999)",
+    "dmd_min_t": "lowest timestep the generated clips are noised to for distribution matching",
+    "dmd_max_t": "highest timestep the generated clips are noised to for distribution matching",
+    "fake_lr": "AdamW learning rate of the fake-score UNet (with --dmd-weight)",
+    "fake_updates": "fake-score updates per student step (with --dmd-weight; DMD2's two time-scale rule)",
     "crop_seconds": "training crop length in seconds (default: the teacher's native window, 10.24 s)",
     "latent_cache_mb": "MiB per worker for the VAE latents of clips no longer than the training window (never "
     "cropped, so identical every epoch): from the second epoch on they are not encoded again. 0 = off; clips "
