@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Distil the demo teacher with the real job (ray_jobs/distill.py, Ray Train on a local Ray instance) twice: with
 # MusicCM's adversarial term (demo-student) and without it (demo-student-noadv; measured better, so it ships).
-# Extra arguments go to both runs (e.g. --use-gpu --num-workers 2).
+# Extra arguments go to every run (e.g. --use-gpu --num-workers 2).
 # Rerunning resumes each run from its latest checkpoint (same --name and --storage). RUNS="student" or
-# RUNS="ablation" runs only one of the two.
+# RUNS="ablation" runs only one of the two. RUNS="... dmd" adds a third run after them: the ablation student
+# fine-tuned with distribution matching (--dmd-weight 1, DMD2's loss on its 1-step jump, with L_distil at λ = 0.3 as
+# the regulariser that keeps its later steps consistent; lr 3e-5 without warm-up, DMD_STEPS=150 steps) into
+# $WORK/student-dmd; it needs $WORK/student-noadv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-outputs/demo}
@@ -30,4 +33,9 @@ fi
 if [[ $RUNS == *" ablation "* ]]; then
   .venv/bin/python ray_jobs/distill.py --name demo-student-noadv --output "$WORK/student-noadv" --adv-weight 0 \
     "${common[@]}" "$@"
+fi
+if [[ $RUNS == *" dmd "* ]]; then
+  .venv/bin/python ray_jobs/distill.py --name demo-student-dmd --output "$WORK/student-dmd" "${common[@]}" \
+    --adv-weight 0 --student-init "$WORK/student-noadv" --dmd-weight 1 --distill-weight 0.3 --lr 3e-5 \
+    --warmup-steps 0 --max-steps "${DMD_STEPS:-150}" --checkpoint-every 50 "$@"
 fi
