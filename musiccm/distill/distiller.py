@@ -438,7 +438,7 @@ class Distiller:
         return {k: opt for k, opt in named.items() if opt is not None}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Student (trainable parameters), EMA target, heads and optimiser state as flat CPU tensors
+        """Student (trainable parameters), EMA target, heads, fake score and optimiser state as flat CPU tensors
         (``group/name``), contiguous and unshared: ready for ``safetensors.torch.save_file``."""
         out = {f"{group}/{name}": _cpu(t) for group, named in self._named_state().items() for name, t in named.items()}
         for key, opt in self._optimizers().items():
