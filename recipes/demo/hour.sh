@@ -5,7 +5,8 @@
 # (--dmd-weight, recipes/demo/distill.sh's "dmd" run), into outputs/demo-hour; the second made the shipped default
 # model (musiccm-demo-v5). Without the fine-tune it took 30 min end to end on 2 CPU cores on 2026-12-02 (after the
 # distillation job's report fix, on a day the machine ran about 3 times faster than for an earlier 119-min timing);
-# the fine-tune adds about 8 min at that speed; recipes/demo/README.md has the stage times and figures. The
+# the fine-tune took 8 min more (482 s, timed separately later that day); recipes/demo/README.md has the stage times
+# and figures. The
 # distillation uses guidance w = 6 (diffusers scale 7) instead of distill.sh's w = 2: at scale 7 this short-trained
 # teacher's 4-step DDIM is both closer to the data and more on-prompt (benchmarks/RESULTS.md, "Guidance probe" and
 # "CLAP text warm-up probe"); it
