@@ -510,26 +510,30 @@ def test_fp16_autocast_step_stays_finite_on_cpu(batch, feature_network):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random AudioMAE weights
         d = Distiller(build_components("tiny", seed=0, window=WINDOW), DistillConfig(**FAST,
-                      feature_network=feature_network, disc_layers=(1, 3)))
-    d.amp_dtype, d.scaler = torch.float16, torch.amp.GradScaler("cpu")
+                      feature_network=feature_network, disc_layers=(1, 3), dmd_weight=1.0, fake_updates=1))
+    d.amp_dtype, d.scaler, d.fake_scaler = torch.float16, torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
     for _ in range(3):
         m = d.train_step(batch)
-        assert np.isfinite([m["distill_loss"], m["adv_g_loss"], m["adv_d_loss"], m["r1"]]).all(), m
+        assert np.isfinite([m["distill_loss"], m["adv_g_loss"], m["adv_d_loss"], m["r1"], m["dmd_loss"],
+                            m["fake_loss"]]).all(), m
         assert m["disc_skipped"] == 0.0
     assert all(torch.isfinite(p).all() for p in d.disc.heads.parameters())
+    assert all(torch.isfinite(p).all() for p in d.fake_module.parameters())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_step_on_gpu(teacher, batch, precision):
     gpu_teacher = build_components("tiny", seed=0, window=WINDOW)
-    d = Distiller(gpu_teacher, DistillConfig(**FAST, mixed_precision=precision), device="cuda")
+    cfg = DistillConfig(**FAST, mixed_precision=precision, dmd_weight=1.0, fake_updates=1)  # fake score too
+    d = Distiller(gpu_teacher, cfg, device="cuda")
     for _ in range(3):
         m = d.train_step(batch)
-    assert np.isfinite([m["distill_loss"], m["adv_g_loss"], m["adv_d_loss"], m["r1"]]).all()
+    assert np.isfinite([m["distill_loss"], m["adv_g_loss"], m["adv_d_loss"], m["r1"], m["dmd_loss"],
+                        m["fake_loss"]]).all()
     assert (m["grad_scale"] > 1.0) == (precision == "fp16")
     blob, meta = save(d.checkpoint_tensors()), json.loads(json.dumps(d.checkpoint_meta()))
-    resumed = Distiller(build_components("tiny", seed=0, window=WINDOW), DistillConfig(**FAST,
-                        mixed_precision=precision), device="cuda")
+    resumed = Distiller(build_components("tiny", seed=0, window=WINDOW), cfg, device="cuda")
     resumed.restore(load(blob), meta)
     assert resumed.scaler.get_scale() == d.scaler.get_scale()
+    assert resumed.fake_scaler.get_scale() == d.fake_scaler.get_scale()
