@@ -30,6 +30,7 @@ from musiccm.distill.discriminator import Discriminator
 from musiccm.distill.losses import (
     consistency_distillation_loss,
     distribution_matching_loss,
+    guided_eps,
     hinge_d_loss,
     hinge_g_loss,
     r1_penalty,
@@ -42,7 +43,6 @@ from musiccm.model import MusicLDMComponents
 from musiccm.sampling import randn
 from musiccm.schedule import (
     alpha_bar,
-    classifier_free_guidance,
     consistency_output,
     ema_update,
     eps_from_x0,
@@ -369,10 +369,7 @@ class Distiller:
         x0 = consistency_output(x_T, self._x0_fn(self.student)(x_T, t1, cond, w), t1)
         x_t, t, a, _ = self._noised(x0.detach(), gen)
         with torch.no_grad():
-            uncond = self.uncond.to(cond).expand(b, -1)
-            eps_c, eps_u = self._teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                             torch.cat([cond, uncond])).chunk(2)
-            x0_real = x0_from_eps(x_t.float(), classifier_free_guidance(eps_c, eps_u, 1.0 + w), a)
+            x0_real = x0_from_eps(x_t.float(), guided_eps(self._teacher_eps, x_t, t, cond, self.uncond, w), a)
             assert self.fake_module is not None
             x0_fake = x0_from_eps(x_t.float(), self._eps(self.fake_module, x_t, t, cond), a)
         return distribution_matching_loss(x0, x0_real, x0_fake), x0.detach()

@@ -58,6 +58,31 @@ def sample_guidance(
 
 
 @torch.no_grad()
+def guided_eps(
+    teacher_eps: EpsFn,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    w: float | torch.Tensor,
+) -> torch.Tensor:
+    """The teacher's classifier-free-guided ε̃ = (1+w)·ε_c − w·ε_∅ (diffusers guidance_scale = 1 + w), float32.
+
+    Cond and uncond go through the teacher in one batched forward; ``uncond`` is (D,), (1, D) or (B, D).
+    """
+    b = x_t.shape[0]
+    uncond = uncond.reshape(1, -1) if uncond.ndim == 1 else uncond
+    uncond = uncond.expand(b, -1) if uncond.shape[0] == 1 else uncond
+    if uncond.shape != cond.shape:
+        raise ValueError(f"uncond must be (1, D) or (B, D) like cond {tuple(cond.shape)}, got {tuple(uncond.shape)}")
+    eps = teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.to(cond)]))  # (2B, ...)
+    eps_c, eps_u = eps.float().chunk(2)
+    if isinstance(w, torch.Tensor):
+        w = w.to(x_t.device, torch.float32)
+    return classifier_free_guidance(eps_c, eps_u, 1.0 + w)
+
+
+@torch.no_grad()
 def solver_target(
     teacher_eps: EpsFn,
     x_t: torch.Tensor,
@@ -71,19 +96,9 @@ def solver_target(
     """One guided DDIM step x_t → x̂_{t_prev} of the teacher (MusicCM eq. 5–6).
 
     x̂ = x + (1+w)·Ψ(x, c) − w·Ψ(x, ∅) with Ψ the DDIM increment; DDIM is affine in ε for a fixed x, so
-    this equals one DDIM step with ε̃ = (1+w)·ε_c − w·ε_∅ (diffusers guidance_scale = 1 + w).
-    Cond and uncond go through the teacher in one batched forward.
+    this equals one DDIM step with the guided ε̃ of :func:`guided_eps`.
     """
-    b = x_t.shape[0]
-    uncond = uncond.reshape(1, -1) if uncond.ndim == 1 else uncond
-    uncond = uncond.expand(b, -1) if uncond.shape[0] == 1 else uncond
-    if uncond.shape != cond.shape:
-        raise ValueError(f"uncond must be (1, D) or (B, D) like cond {tuple(cond.shape)}, got {tuple(uncond.shape)}")
-    eps = teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.to(cond)]))  # (2B, ...)
-    eps_c, eps_u = eps.float().chunk(2)
-    if isinstance(w, torch.Tensor):
-        w = w.to(x_t.device, torch.float32)
-    eps_g = classifier_free_guidance(eps_c, eps_u, 1.0 + w)
+    eps_g = guided_eps(teacher_eps, x_t, t, cond, uncond, w)
     final_alpha = float(alphas_cumprod[0])  # t_prev is clamped at 0, so never used
     a_t = alpha_bar(alphas_cumprod, t, final_alpha).to(x_t.device)
     a_prev = alpha_bar(alphas_cumprod, t_prev, final_alpha).to(x_t.device)
