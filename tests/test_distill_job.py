@@ -163,6 +163,7 @@ def job_argv(teacher: str, max_steps: int) -> list[str]:
         "--tiny-feature-network", "--warmup-steps", "2", "--lr", "1e-4", "--seed", "0",
         "--student-init", teacher,  # the worker's load_unet path (the same weights, so nothing else changes)
         "--dmd-weight", "0.5", "--fake-updates", "1",  # the fake score: a third DDP module, checkpointed and resumed
+        "--gan-weight", "0.1",  # and DMD2's classifier on it, a fourth
     ]
 
 
@@ -396,7 +397,7 @@ def test_checkpoints_in_s3_are_safetensors_and_json(first_run: Outcome, tmp_path
     local = Path(storage.download_dir(f"{RUN}/checkpoint-000004", str(tmp_path / "ck")))
     tensors = load_file(str(local / "state.safetensors"))
     groups = {k.split("/", 1)[0] for k in tensors}
-    assert {"student", "target", "heads", "opt_g", "opt_d", "fake", "opt_fake"} <= groups, groups
+    assert {"student", "target", "heads", "opt_g", "opt_d", "fake", "opt_fake", "gan"} <= groups, groups
 
 
 @pytest.mark.slow
@@ -413,6 +414,7 @@ def test_injected_failure_resumes_from_checkpoint_without_repeating_steps(first_
                     "skipped_rows"):
             assert np.isfinite(r[key]), (key, r)
         assert r["dmd_loss"] > 0 and r["fake_loss"] > 0, r  # --dmd-weight: distribution matching ran every step
+        assert r["gan_g_loss"] > 0 and r["gan_cls_loss"] > 0, r  # --gan-weight: so did the GAN term
     assert by_step[4]["skipped_rows"] >= by_step[1]["skipped_rows"] and by_step[4]["skipped_rows"] >= 1
     assert by_step[4]["lr"] == pytest.approx(1e-4)  # warm-up over 2 steps is over, across the restart
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 
 import numpy as np
@@ -86,7 +87,8 @@ def test_config_round_trip_and_validation():
         ({"report_every_s": -1.0}, "report_every_s"), ({"report_every_s": float("nan")}, "0 = every step"),
         ({"dmd_weight": -1.0}, "dmd_weight"), ({"dmd_timestep": 1000}, "dmd_timestep"),
         ({"dmd_min_t": 500, "dmd_max_t": 400}, "dmd_max_t"), ({"fake_updates": 0}, "fake_updates"),
-        ({"fake_lr": 0.0}, "fake_lr"),
+        ({"fake_lr": 0.0}, "fake_lr"), ({"gan_weight": -1.0}, "gan_weight"),
+        ({"gan_weight": 0.1}, "unless dmd_weight > 0"), ({"gan_cls_weight": 0.0}, "gan_cls_weight"),
     ]:
         with pytest.raises(ValueError, match=words) as info:
             dataclasses.replace(cfg, **change).validate()
@@ -360,6 +362,40 @@ def test_dmd_moves_the_student_only_where_teacher_and_fake_score_disagree(teache
     assert norms[2.0] > 1e-3 and norms[0.0] < 1e-2 * norms[2.0], norms  # measured: 2e-5 against 3e-2
 
 
+def test_gan_losses_are_logistic():
+    zero = torch.zeros(4)
+    assert float(losses.gan_classifier_loss(zero, zero)) == pytest.approx(2 * math.log(2))
+    assert float(losses.gan_classifier_loss(torch.full((4,), 9.0), torch.full((4,), -9.0))) < 1e-3  # right
+    assert float(losses.gan_generator_loss(torch.full((4,), 9.0))) < float(losses.gan_generator_loss(zero))
+
+
+def test_dmd2_gan_term_trains_its_classifier_and_reaches_the_student(teacher, batch):
+    """gan_weight > 0: a classifier on the fake score's mid block, trained with it (same optimiser, checkpointed,
+    exact resume; a DMD run without it refuses the checkpoint). At w = 0 the DMD gradient vanishes (test above), so
+    the student's gradient there is the GAN term's: it must reach the student through the frozen fake score."""
+    cfg = DistillConfig(**FAST, adv_weight=0.0, dmd_weight=1.0, gan_weight=0.5, fake_updates=2)
+    d = Distiller(teacher, cfg)
+    head0, fake0 = params(d.gan_module), params(d.fake_module)
+    m = d.train_step(batch)
+    assert m["gan_g_loss"] > 0 and m["gan_cls_loss"] > 0 and m["fake_loss"] > 0
+    assert m["loss"] == pytest.approx(3.0 * m["distill_loss"] + m["dmd_loss"] + 0.5 * m["gan_g_loss"], rel=1e-5)
+    assert max_diff(head0, params(d.gan_module)) > 0 and max_diff(fake0, params(d.fake_module)) > 0
+    tensors = d.checkpoint_tensors()
+    assert any(k.startswith("gan/") for k in tensors)
+    blob, meta = save(tensors), json.loads(json.dumps(d.checkpoint_meta()))
+    d.train_step(batch)
+    resumed = Distiller(teacher, cfg)
+    resumed.restore(load(blob), meta)
+    resumed.train_step(batch)
+    assert max_diff(d.checkpoint_tensors(), resumed.checkpoint_tensors()) < 1e-6
+    with pytest.raises(ValueError, match="gan_weight"):
+        Distiller(teacher, dataclasses.replace(cfg, gan_weight=0.0)).restore(load(blob), meta)
+    base = dict(FAST, adv_weight=0.0, distill_weight=0.0, dmd_weight=1.0, fake_updates=1, warmup_steps=0, w=0.0)
+    norms = {g: Distiller(teacher, DistillConfig(**base, gan_weight=g)).train_step(batch)["grad_norm"]
+             for g in (0.0, 1.0)}
+    assert norms[1.0] > 100 * norms[0.0], norms  # measured: 2.7 against 2e-5
+
+
 def test_clap_feature_network_option(teacher, batch):
     with pytest.raises(ValueError, match=r"out of range .* 4 blocks"):
         Distiller(teacher, DistillConfig(**FAST, feature_network="clap"))  # default layers are for 12 blocks
@@ -465,9 +501,10 @@ def worker(rank, port, out):
     from musiccm.distill.distiller import Distiller
 
     # adv_timesteps: a second student call before the backward, as DDP must handle too
-    # dmd_weight: the fake score is a third DDP module, updated after the student and the heads
+    # dmd_weight: the fake score is a third DDP module, updated after the student and the heads; gan_weight: its
+    # classifier a fourth, run on the fake score's mid block (and by the student's loss with detached weights)
     cfg = DistillConfig(tiny_feature_network=True, warmup_steps=0, w_min=1.0, w_max=3.0, adv_timesteps=(699, 359),
-                        dmd_weight=1.0, fake_updates=1)
+                        dmd_weight=1.0, gan_weight=0.5, fake_updates=1)
     d = Distiller(build_components("tiny", seed=0, window=8), cfg, wrap=DDP, rank=rank)
     g = torch.Generator().manual_seed(rank)  # each rank its own data
     batch = PreparedBatch(torch.randn(2, 8, 8, 16, generator=g), torch.randn(2, 512, generator=g),
@@ -510,22 +547,23 @@ def test_fp16_autocast_step_stays_finite_on_cpu(batch, feature_network):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random AudioMAE weights
         d = Distiller(build_components("tiny", seed=0, window=WINDOW), DistillConfig(**FAST,
-                      feature_network=feature_network, disc_layers=(1, 3), dmd_weight=1.0, fake_updates=1))
+                      feature_network=feature_network, disc_layers=(1, 3), dmd_weight=1.0, gan_weight=0.5,
+                      fake_updates=1))
     d.amp_dtype, d.scaler, d.fake_scaler = torch.float16, torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
     for _ in range(3):
         m = d.train_step(batch)
         assert np.isfinite([m["distill_loss"], m["adv_g_loss"], m["adv_d_loss"], m["r1"], m["dmd_loss"],
-                            m["fake_loss"]]).all(), m
+                            m["fake_loss"], m["gan_g_loss"], m["gan_cls_loss"]]).all(), m
         assert m["disc_skipped"] == 0.0
     assert all(torch.isfinite(p).all() for p in d.disc.heads.parameters())
-    assert all(torch.isfinite(p).all() for p in d.fake_module.parameters())
+    assert all(torch.isfinite(p).all() for p in d._fake_params())  # fake score and GAN classifier
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_step_on_gpu(teacher, batch, precision):
     gpu_teacher = build_components("tiny", seed=0, window=WINDOW)
-    cfg = DistillConfig(**FAST, mixed_precision=precision, dmd_weight=1.0, fake_updates=1)  # fake score too
+    cfg = DistillConfig(**FAST, mixed_precision=precision, dmd_weight=1.0, gan_weight=0.5, fake_updates=1)
     d = Distiller(gpu_teacher, cfg, device="cuda")
     for _ in range(3):
         m = d.train_step(batch)

@@ -92,6 +92,13 @@ class DistillConfig:
     dmd_max_t: int = 980
     fake_lr: float = 1e-4  # the fake score's AdamW lr (DMD2: a faster critic)
     fake_updates: int = 4  # fake-score updates per student step (DMD2's two time-scale rule uses 5)
+    # DMD2's GAN term (Yin et al. 2024b, §4.3): a small classifier on the fake score's bottleneck (mid-block)
+    # features, trained with the fake score to tell noised training clips from noised 1-step samples, and a
+    # non-saturating generator loss on the student's 1-step samples. It gives the student real data to learn from,
+    # beyond the teacher's scores. Needs dmd_weight > 0; costs one more fake-score call (forward + backward through
+    # its activations) per student step, and doubles the fake-score updates' batch (real clips beside generated).
+    gan_weight: float = 0.0  # generator weight; 0 = off (DMD2: 3e-3 ImageNet, 5e-3 SDXL)
+    gan_cls_weight: float = 1e-2  # the classifier's loss weight in the fake-score updates (DMD2: 1e-2)
     crop_seconds: float | None = None  # None = the teacher's native window
     # Per-worker memory (MiB) for the latents of clips no longer than the window (never cropped, so the same
     # every epoch); 0 = encode every clip every time. Results are unchanged: it only skips repeated VAE encodes.
@@ -228,6 +235,10 @@ class DistillConfig:
              f"an integer in {self.dmd_min_t}..999 (>= dmd_min_t)")
         need(finite(self.fake_lr) and 0 < self.fake_lr <= 1, "fake_lr", "a float in (0, 1]")
         need(integer(self.fake_updates) and self.fake_updates >= 1, "fake_updates", "an integer >= 1")
+        need(finite(self.gan_weight) and self.gan_weight >= 0, "gan_weight", "a float >= 0 (0 = off)")
+        need(self.gan_weight == 0 or self.dmd_weight > 0, "gan_weight",
+             "0 unless dmd_weight > 0 (the GAN classifier sits on the fake score)")
+        need(finite(self.gan_cls_weight) and self.gan_cls_weight > 0, "gan_cls_weight", "a float > 0")
         need(self.feature_network in FEATURE_NETWORKS, "feature_network", f"one of {FEATURE_NETWORKS}")
         need(self.audiomae_path is None or (isinstance(self.audiomae_path, str) and bool(self.audiomae_path)),
              "audiomae_path", "None or a path to a .safetensors file")

@@ -224,3 +224,24 @@ def describe(disc: Discriminator) -> dict[str, Any]:
         "layers": list(disc.features.layers),
         "head_params": sum(p.numel() for p in disc.heads.parameters()),
     }
+
+
+class BottleneckClassifier(nn.Module):
+    """DMD2's GAN classifier (its ``cls_pred_branch``): a conv, GroupNorm and SiLU on the fake score's mid-block
+    output (B, C, h, w), pooled to one real-vs-generated logit per clip. Unconditional, as in DMD2. DMD2's strided
+    4×4 convs shrink SD's 16×16 bottleneck; a 3×3 conv keeps any size (the demo UNet's is 8×2).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.GroupNorm(math.gcd(32, channels), channels),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).squeeze(1)

@@ -3,6 +3,7 @@
 ``Distiller.train_step`` is MusicCM §3.1–3.2 (L = adv_weight·L_adv^G + λ·L_distil, then the discriminator's
 hinge + γ/2·R1), built from the pure functions of :mod:`musiccm.distill.losses`; with ``dmd_weight`` > 0 also
 DMD2's distribution matching (+ dmd_weight·L_DMD on the student's 1-step jump, then updates of a fake score).
+With ``gan_weight`` > 0 DMD2's GAN term joins it: a classifier on the fake score's mid-block features.
 It knows nothing of Ray: the job passes ``wrap`` (Ray's ``prepare_model``: DDP) for the trainable modules and saves
 ``checkpoint_tensors()`` (safetensors) + ``checkpoint_meta()`` (JSON) wherever it likes.
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -26,10 +27,12 @@ from musiccm import external
 from musiccm import model as model_io
 from musiccm.distill.config import GUIDANCE_EMBEDDING_DIM, DistillConfig
 from musiccm.distill.data import LatentCache, PreparedBatch, prepare_batch, window_samples
-from musiccm.distill.discriminator import Discriminator
+from musiccm.distill.discriminator import BottleneckClassifier, Discriminator
 from musiccm.distill.losses import (
     consistency_distillation_loss,
     distribution_matching_loss,
+    gan_classifier_loss,
+    gan_generator_loss,
     guided_eps,
     hinge_d_loss,
     hinge_g_loss,
@@ -129,6 +132,24 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+def _frozen(module: nn.Module) -> Callable[..., Any]:
+    """``module`` called with detached weights: gradients reach its inputs, never its parameters (nor DDP's
+    reducer), so one model's loss can flow through another without touching the other's grads."""
+    weights = {n: p.detach() for n, p in module.named_parameters()}
+    return lambda *args, **kwargs: torch.func.functional_call(module, weights, args, kwargs)
+
+
+@contextmanager
+def _mid_block_output(unet: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the output of ``unet``'s mid block (its bottleneck) for each UNet call inside the block."""
+    found: list[torch.Tensor] = []
+    handle = _unwrap(unet).mid_block.register_forward_hook(lambda _module, _args, out: found.append(out))
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
 class Distiller:
     """Student UNet + EMA target + discriminator heads + optimisers of one distillation run (no Ray).
 
@@ -177,6 +198,12 @@ class Distiller:
             self.disc: Discriminator | None = None
             if config.adv_weight > 0:
                 self.disc = Discriminator(teacher, config, self.mel_frames)
+            gan_head = None
+            if config.gan_weight > 0:
+                if getattr(teacher.unet, "mid_block", None) is None:
+                    raise ValueError("gan_weight > 0 needs a teacher UNet with a mid block: DMD2's classifier "
+                                     "reads the fake score's bottleneck features")
+                gan_head = BottleneckClassifier(teacher.unet.config.block_out_channels[-1])
         self.student_module = unet.to(self.device).train()
         self.target = copy.deepcopy(self.student_module).requires_grad_(False).eval()
         self.student = wrap(self.student_module) if wrap else self.student_module
@@ -198,6 +225,12 @@ class Distiller:
             if config.gradient_checkpointing:
                 self.fake_module.enable_gradient_checkpointing()
             self.fake = wrap(self.fake_module) if wrap else self.fake_module
+        # 4b. DMD2's GAN classifier on the fake score's bottleneck, trained with it (same optimiser).
+        self.gan_module: nn.Module | None = None
+        self.gan: nn.Module | None = None
+        if gan_head is not None:
+            self.gan_module = gan_head.to(self.device).train()
+            self.gan = wrap(self.gan_module) if wrap else self.gan_module
         # 5. Optimisers: AdamW for the student (LCM); Adam(0, 0.99) for the heads (StyleGAN-T/ADD GAN practice);
         # AdamW for the fake score.
         self.opt_g = torch.optim.AdamW([p for _, p in self._student_params], lr=config.lr,
@@ -208,14 +241,18 @@ class Distiller:
                                            weight_decay=config.weight_decay)
         self.opt_fake = None
         if self.fake_module is not None:
-            self.opt_fake = torch.optim.AdamW(self.fake_module.parameters(), lr=config.fake_lr,
-                                              weight_decay=config.weight_decay)
+            self.opt_fake = torch.optim.AdamW(self._fake_params(), lr=config.fake_lr, weight_decay=config.weight_decay)
         # 6. Mixed precision (GPU only): autocast; a GradScaler for fp16 (one per loss-scaled optimiser).
         on_gpu = self.device.type == "cuda"
         amp = config.mixed_precision if on_gpu else "no"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.fake_scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and self.fake is not None)
+
+    def _fake_params(self) -> list[nn.Parameter]:
+        """The fake score's parameters, then the GAN classifier's (one optimiser, one clipping norm)."""
+        assert self.fake_module is not None
+        return [*self.fake_module.parameters(), *(self.gan_module.parameters() if self.gan_module else ())]
 
     # ------------------------------------------------------------------ model callables (losses contract)
     def _w_emb(self, w: torch.Tensor, dim: int | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -305,14 +342,13 @@ class Distiller:
                 c = self.disc.condition(cond, self.disc.mel_embedding(real_feats))
                 fake_feats = self.disc.feature_maps(self._decode_mel(self._adv_prediction(pred, x0, cond, w, gen)))
                 # Heads with detached weights: G's loss must not touch D's grads (nor DDP's reducer).
-                frozen = {n: p.detach() for n, p in self.disc.heads.named_parameters()}
-                fake_logits = torch.func.functional_call(self.disc.heads, frozen, (fake_feats, c))
+                fake_logits = _frozen(self.disc.heads)(fake_feats, c)
                 adv_g = hinge_g_loss(fake_logits)
                 loss_g = loss_g + cfg.adv_weight * adv_g
-            dmd, generated = torch.zeros((), device=self.device), None
+            dmd, gan_g, generated = torch.zeros((), device=self.device), torch.zeros((), device=self.device), None
             if self.fake is not None:
-                dmd, generated = self._dmd_loss(cond, w, gen, tuple(x0.shape))
-                loss_g = loss_g + cfg.dmd_weight * dmd
+                dmd, gan_g, generated = self._dmd_loss(cond, w, gen, tuple(x0.shape))
+                loss_g = loss_g + cfg.dmd_weight * dmd + cfg.gan_weight * gan_g
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss_g).backward()
         self.scaler.unscale_(self.opt_g)
@@ -321,15 +357,15 @@ class Distiller:
         self.scaler.update()
         ema_update([tp for tp, _ in self._ema_pairs], [sp for _, sp in self._ema_pairs], cfg.ema_rate)
         metrics = {"distill_loss": distill.item(), "adv_g_loss": adv_g.item(), "dmd_loss": dmd.item(),
-                   "loss": loss_g.item(),
+                   "gan_g_loss": gan_g.item(), "loss": loss_g.item(),
                    "lr": lr, "grad_norm": grad_norm, "grad_scale": float(self.scaler.get_scale()) if
                    self.scaler.is_enabled() else 1.0}
         # 3. Discriminator step: hinge + γ/2·R1 on the heads' input features of real clips (fp32).
         metrics.update(self._d_step([f.detach() for f in fake_feats], real_feats, c) if self.disc is not None
                        else {"adv_d_loss": 0.0, "r1": 0.0, "disc_grad_norm": 0.0, "disc_skipped": 0.0})
         # 4. Fake score (DMD2): the teacher's own objective on this step's generated clips.
-        metrics.update(self._fake_step(generated, cond, gen) if generated is not None
-                       else {"fake_loss": 0.0, "fake_skipped": 0.0})
+        metrics.update(self._fake_step(generated, x0, cond, gen) if generated is not None
+                       else {"fake_loss": 0.0, "gan_cls_loss": 0.0, "fake_skipped": 0.0})
         metrics.update({"disc_lr": disc_lr if self.disc is not None else 0.0, "batch_size": float(b),
                         "skipped": float(batch.skipped), "t_mean": float(t.float().mean()),
                         "w_mean": float(w.mean())})
@@ -359,10 +395,12 @@ class Distiller:
         return renoise(x0, noise, a), t, a, noise
 
     def _dmd_loss(self, cond: torch.Tensor, w: torch.Tensor, gen: torch.Generator,
-                  shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                  shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Distribution matching (DMD): the student's 1-step sample from fresh noise, noised again to a random t
         and denoised there by the teacher with CFG 1 + w (real score) and by the fake score, gives the loss of
-        :func:`distribution_matching_loss`; returns it and the (detached) generated clips."""
+        :func:`distribution_matching_loss`. With the GAN term, the sample noised once more (drawn after the rest,
+        so runs without it draw as before) goes through the fake score and its classifier, both with detached
+        weights, for DMD2's generator loss. Returns (L_DMD, L_GAN^G or 0, the detached generated clips)."""
         b = shape[0]
         x_T = randn(shape, gen, self.device)  # what sampling starts from: pure noise at the first timestep
         t1 = torch.full((b,), self.config.generator_timestep, dtype=torch.long, device=self.device)
@@ -372,22 +410,43 @@ class Distiller:
             x0_real = x0_from_eps(x_t.float(), guided_eps(self._teacher_eps, x_t, t, cond, self.uncond, w), a)
             assert self.fake_module is not None
             x0_fake = x0_from_eps(x_t.float(), self._eps(self.fake_module, x_t, t, cond), a)
-        return distribution_matching_loss(x0, x0_real, x0_fake), x0.detach()
+        gan = torch.zeros((), device=self.device)
+        if self.gan_module is not None:
+            x_g, t_g, _, _ = self._noised(x0, gen)
+            with _mid_block_output(self.fake_module) as mid:
+                self._eps(_frozen(self.fake_module), x_g, t_g, cond)
+            gan = gan_generator_loss(_frozen(self.gan_module)(mid[0]))
+        return distribution_matching_loss(x0, x0_real, x0_fake), gan, x0.detach()
 
-    def _fake_step(self, generated: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
-        """``fake_updates`` steps of the fake score on the generated clips with the teacher's diffusion objective."""
-        assert self.fake is not None and self.fake_module is not None and self.opt_fake is not None
-        total, skipped = 0.0, 0
-        w_emb = self._w_emb(torch.zeros(generated.shape[0]), self.teacher_w_dim, generated.dtype)
-        for _ in range(self.config.fake_updates):
+    def _fake_step(self, generated: torch.Tensor, real: torch.Tensor, cond: torch.Tensor,
+                   gen: torch.Generator) -> dict[str, float]:
+        """``fake_updates`` steps of the fake score on the generated clips with the teacher's diffusion objective;
+        with the GAN term, the same call also runs the training clips ``real`` (noised alike) and its classifier
+        learns to tell them apart from the generated ones at the fake score's bottleneck."""
+        assert self.fake is not None and self.opt_fake is not None
+        cfg, b = self.config, generated.shape[0]
+        total, total_cls, skipped = 0.0, 0.0, 0
+        both = self.gan is not None
+        w_emb = self._w_emb(torch.zeros(2 * b if both else b), self.teacher_w_dim, generated.dtype)
+        for _ in range(cfg.fake_updates):
             x_t, t, a, noise = self._noised(generated, gen)
-            with self._autocast():
-                out = unet_forward(self.fake, x_t, t, cond, w_emb).float()
-            loss = torch.nn.functional.mse_loss(out, training_target(generated, noise, a, self.prediction_type))
+            cls = torch.zeros((), device=self.device)
+            if self.gan is not None:  # one call on [generated; real] (DDP: one forward per backward)
+                x_r, t_r, _, _ = self._noised(real, gen)
+                with self._autocast(), _mid_block_output(self.fake) as mid:
+                    out = unet_forward(self.fake, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([cond, cond]),
+                                       w_emb).float()[:b]
+                    logits = self.gan(mid[0])
+                cls = gan_classifier_loss(logits[b:], logits[:b])
+            else:
+                with self._autocast():
+                    out = unet_forward(self.fake, x_t, t, cond, w_emb).float()
+            denoise = torch.nn.functional.mse_loss(out, training_target(generated, noise, a, self.prediction_type))
+            loss = denoise + cfg.gan_cls_weight * cls
             self.opt_fake.zero_grad(set_to_none=True)
             self.fake_scaler.scale(loss).backward()
             self.fake_scaler.unscale_(self.opt_fake)
-            norm = self._clip(list(self.fake_module.parameters()))
+            norm = self._clip(self._fake_params())
             if self.fake_scaler.is_enabled():
                 self.fake_scaler.step(self.opt_fake)  # skips non-finite steps itself
                 self.fake_scaler.update()
@@ -395,8 +454,9 @@ class Distiller:
                 self.opt_fake.step()
             else:
                 skipped += 1
-            total += loss.item() / self.config.fake_updates
-        return {"fake_loss": total, "fake_skipped": float(skipped)}
+            total += denoise.item() / cfg.fake_updates
+            total_cls += cls.item() / cfg.fake_updates
+        return {"fake_loss": total, "gan_cls_loss": total_cls, "fake_skipped": float(skipped)}
 
     def _d_step(self, fake_feats: list[torch.Tensor], real_feats: list[torch.Tensor],
                 c: torch.Tensor) -> dict[str, float]:
@@ -428,6 +488,8 @@ class Distiller:
             groups["heads"] = dict(self.disc.heads.state_dict())
         if self.fake_module is not None:
             groups["fake"] = dict(self.fake_module.state_dict())
+        if self.gan_module is not None:
+            groups["gan"] = dict(self.gan_module.state_dict())
         return groups
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -469,7 +531,8 @@ class Distiller:
             if getattr(saved, key) != getattr(self.config, key):
                 raise ValueError(f"checkpoint was made with {key}={getattr(saved, key)!r}, this run has "
                                  f"{getattr(self.config, key)!r}; resume with the same model structure")
-        for key, part in (("adv_weight", "the discriminator"), ("dmd_weight", "the fake score")):
+        for key, part in (("adv_weight", "the discriminator"), ("dmd_weight", "the fake score"),
+                          ("gan_weight", "the GAN classifier")):
             if (getattr(saved, key) > 0) != (getattr(self.config, key) > 0):
                 raise ValueError(f"checkpoint has {key}={getattr(saved, key)}, this run {getattr(self.config, key)}: "
                                  f"a run cannot switch {part} on or off when resuming")

@@ -170,6 +170,16 @@ def distribution_matching_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake:
     return 0.5 * F.mse_loss(x0.float(), (x0.float() - grad).detach())
 
 
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """DMD2's non-saturating generator loss E[softplus(−D(fake))] (= −log σ(D(fake)))."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_classifier_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """DMD2's classifier loss E[softplus(−D(real))] + E[softplus(D(fake))]: logistic real-vs-generated."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
 def _mean_over_heads(values: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float() for v in values]).mean()
 

@@ -80,6 +80,11 @@ HELP: dict[str, str] = {
     "dmd_max_t": "highest timestep the generated clips are noised to for distribution matching",
     "fake_lr": "AdamW learning rate of the fake-score UNet (with --dmd-weight)",
     "fake_updates": "fake-score updates per student step (with --dmd-weight; DMD2's two time-scale rule)",
+    "gan_weight": "weight of DMD2's GAN generator loss (with --dmd-weight): a classifier on the fake score's "
+    "mid-block features, trained in the fake-score updates to tell noised training clips from noised 1-step "
+    "samples, judges the student's 1-step samples (non-saturating loss). 0 = off; DMD2 used 3e-3 to 5e-3. "
+    "Costs one more fake-score call per step and real clips beside the generated ones in each fake-score update",
+    "gan_cls_weight": "weight of the GAN classifier's loss in the fake-score updates (with --gan-weight; DMD2: 1e-2)",
     "crop_seconds": "training crop length in seconds (default: the teacher's native window, 10.24 s)",
     "latent_cache_mb": "MiB per worker for the VAE latents of clips no longer than the training window (never "
     "cropped, so identical every epoch): from the second epoch on they are not encoded again. 0 = off; clips "

@@ -273,8 +273,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         samples, skipped_total = samples + int(rows), skipped_total + int(skipped)
         metrics: dict[str, Any] = {
             "step": step, "epoch": stream.epoch, "attempt": attempt, "resumed_from": resumed_from,
-            **{k: out[k] for k in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "dmd_loss", "fake_loss", "lr",
-                                   "disc_lr", "grad_norm", "grad_scale", "disc_skipped", "fake_skipped", "loss")
+            **{k: out[k] for k in ("distill_loss", "adv_g_loss", "adv_d_loss", "r1", "dmd_loss", "fake_loss",
+                                   "gan_g_loss", "gan_cls_loss", "lr", "disc_lr", "grad_norm", "grad_scale",
+                                   "disc_skipped", "fake_skipped", "loss")
                if k in out},
             "samples_per_s": rows / elapsed, "samples_per_s_per_worker": rows / elapsed / world,
             "rows": int(rows), "samples": samples, "skipped_rows": skipped_total, "skipped_rows_step": int(skipped),
