@@ -7,6 +7,9 @@ concatenation (the same instants for the fused clip) we measure:
 - spectral flux: mean |Δ log-mel| between the frames either side of the instant, over the clip's median
   frame-to-frame flux (a click or a sudden change of texture gives a large ratio; music's own onsets put
   the typical value somewhat above 1);
+- edge flux: the same ratio at the fused canvas's window edges (every frame where a crop-fusion window starts or
+  ends; with ``--taper 0`` the fusion weights jump there), for both methods (the concatenation has no windows there:
+  its value is what those instants measure without a seam);
 - embedding jump: distance between the label classifier's embeddings of the 1.28 s before and after the
   instant, over the same distance for pairs of 1.28 s halves inside windows;
 - consistency: the fraction of 2.56 s segments whose predicted instrument / drum pattern equals the clip's
@@ -44,6 +47,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="length of the independently generated segments, s; 0 = the native window (default 10)")
     p.add_argument("--max-timestep", type=int, default=None,
                    help="first sampling timestep (default: the model's own setting, else 999)")
+    p.add_argument("--taper", type=int, default=None,
+                   help="crop-fusion cross-fade in latent frames (default: the pipeline's, the windows' overlap; "
+                   "0 = the plain average)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     return p.parse_args(argv)
 
@@ -83,7 +89,8 @@ def consistency(net, wave: torch.Tensor, sr: int, window: int, labels: dict[str,
     return out
 
 
-def measure(net, wave: np.ndarray, sr: int, window: int, segment: int, labels: dict[str, str]) -> dict[str, float]:
+def measure(net, wave: np.ndarray, sr: int, window: int, segment: int, labels: dict[str, str],
+            edges: list[int]) -> dict[str, float]:
     from musiccm.mel import MelConfig, log_mel
 
     x = torch.from_numpy(wave).float()
@@ -91,6 +98,7 @@ def measure(net, wave: np.ndarray, sr: int, window: int, segment: int, labels: d
     instants = list(range(segment, len(x), segment))
     mel = log_mel(x[None], MelConfig(sample_rate=sr))[0]
     return {"flux_ratio": flux_ratio(mel, [s // hop for s in instants]),
+            "edge_flux_ratio": flux_ratio(mel, [s // hop for s in edges]),
             "embedding_jump": embedding_jump(net, x, sr, instants, window // 2, window),
             **consistency(net, x, sr, window, labels)}
 
@@ -101,13 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     from musiccm.evaluation import classifier
     from musiccm.pipeline import GenerationConfig, MusicCM
 
-    gen = MusicCM(model.load(args.model), GenerationConfig(steps=args.steps, max_timestep=args.max_timestep))
+    from musiccm.longform import window_starts
+
+    gen = MusicCM(model.load(args.model), GenerationConfig(steps=args.steps, max_timestep=args.max_timestep,
+                                                           taper=args.taper))
     net = classifier.load(args.classifier)
     g = gen.c.geometry
     sr, native = g.sample_rate, g.native_duration
     window = g.num_samples(native)
     seg_s = args.segment_s or native
     segment = g.num_samples(seg_s)
+    starts = window_starts(g.latent_frames(args.duration), g.window_frames, gen.config.hop_frames)
+    edges = sorted({s for s in starts[1:]} | {s + g.window_frames for s in starts[:-1]})
+    edges = [e * g.vae_factor * g.hop_length for e in edges]  # latent frame → sample
     rows = pq.read_table(args.prompts).slice(0, args.count).to_pylist()
     n = math.ceil(args.duration / seg_s)
     concatenated = f"{n} independent {seg_s:g} s segments"
@@ -120,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         fused_s.append(time.perf_counter() - t0)
         parts = gen.generate([row["prompt"]] * n, seg_s, [1000 * i + k for k in range(n)]).waveforms
         concat = np.concatenate(list(parts))[: g.num_samples(args.duration)]
-        results["crop fusion"].append(measure(net, fused, sr, window, segment, labels))
-        results[concatenated].append(measure(net, concat, sr, window, segment, labels))
+        results["crop fusion"].append(measure(net, fused, sr, window, segment, labels, edges))
+        results[concatenated].append(measure(net, concat, sr, window, segment, labels, edges))
         print(f"{i + 1}/{len(rows)} {row['prompt'][:60]!r}: fused {results['crop fusion'][-1]}, "
               f"concatenated {results[concatenated][-1]}", flush=True)
     keys = list(results["crop fusion"][0])
@@ -131,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (header(f"Long-form continuity: {args.duration:g} s by crop fusion vs independent {seg_s:g} s segments",
                    "longform_continuity.py", argv)
             + f"Model {args.model}, {args.steps} steps from t = {gen.config.max_timestep or 999}, native window "
-            f"{native:g} s, {len(rows)} prompts; means over prompts. A {args.duration:g} s "
+            f"{native:g} s, crop fusion hop {gen.config.hop_frames} and taper {gen.config.taper} latent frames, "
+            f"{len(rows)} prompts; means over prompts. A {args.duration:g} s "
             f"clip took {statistics.median(fused_s):.1f} s (median) with crop fusion.\n\n" + "\n".join(lines) + "\n")
     publish(text, args.write)
     return 0

@@ -38,6 +38,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file, .flac or .wav (16-bit PCM), written atomically")
     p.add_argument("--hop-frames", type=int, default=None,
                    help="crop-fusion hop in latent frames (default 3/4 of the native window)")
+    p.add_argument("--taper", type=int, default=None,
+                   help="crop-fusion cross-fade in latent frames: each window's weight ramps linearly over its "
+                   "first and last N frames; 0 = the plain average, whose weights jump at window edges (default: "
+                   "the windows' overlap, window minus hop, at most half the window)")
     p.add_argument("--crop-batch-size", type=int, default=8, help="windows per UNet call in long-form (default 8)")
     p.add_argument("--max-duration", type=float, default=600.0, help="longest allowed duration in s (default 600)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -64,6 +68,7 @@ def generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         hop_frames=args.hop_frames,
+        taper=args.taper,
         crop_batch_size=args.crop_batch_size,
         max_duration=args.max_duration,
         max_timestep=args.max_timestep,

@@ -32,7 +32,10 @@ class GenerationConfig:
     guidance_scale: float | None = None  # diffusers convention (LCM w = g − 1); teacher default 2.0
     hop_frames: int | None = None  # crop-fusion hop in latent frames; default 3/4 of the window
     crop_batch_size: int = 8  # windows denoised per UNet call on long canvases
-    taper: int = 0  # fusion weights: 0 = plain least-squares average; n = linear ramp of n frames
+    # Fusion weights: n = a linear ramp over each window's first and last n frames; 0 = the plain average, whose
+    # weights jump where a window starts or ends (audible seams when windows disagree: benchmarks/RESULTS.md,
+    # "Long-form seams"). None = the windows' overlap (window − hop, at most half the window): a full cross-fade.
+    taper: int | None = None
     max_duration: float = 600.0  # seconds; longer requests are rejected
     # Consistency students: highest sampling timestep (see schedule.lcm_timesteps). None = the model's own
     # default (model_index.json "musiccm": {"max_timestep": …}), else LCM's 999.
@@ -74,8 +77,9 @@ class MusicCM:
             raise ValueError(f"hop_frames must be in 1..{window} (the native window), got {hop}")
         if config.crop_batch_size < 1:
             raise ValueError(f"crop_batch_size must be ≥ 1, got {config.crop_batch_size}")
-        if not 0 <= config.taper <= window // 2:
-            raise ValueError(f"taper must be in 0..{window // 2}, got {config.taper}")
+        taper = config.taper if config.taper is not None else min(window - hop, window // 2)
+        if isinstance(taper, bool) or not isinstance(taper, int) or not 0 <= taper <= window // 2:
+            raise ValueError(f"taper must be an integer in 0..{window // 2}, got {taper!r}")
         if not (math.isfinite(config.max_duration) and config.max_duration > 0):
             raise ValueError(f"max_duration must be a positive number, got {config.max_duration!r}")
         max_t = config.max_timestep if config.max_timestep is not None else self.c.extra.get("max_timestep")
@@ -86,7 +90,8 @@ class MusicCM:
             consistency_timesteps(self.c, steps, max_t)  # raises if steps do not fit below max_timestep
         elif config.max_timestep is not None:
             raise ValueError("max_timestep applies to consistency students only; this model samples with DDIM")
-        return replace(config, steps=steps, guidance_scale=float(guidance), hop_frames=hop, max_timestep=max_t)
+        return replace(config, steps=steps, guidance_scale=float(guidance), hop_frames=hop, taper=taper,
+                       max_timestep=max_t)
 
     def check_duration(self, duration: float, max_duration: float | None = None) -> float:
         """Validate a requested duration in seconds; return it as a float."""

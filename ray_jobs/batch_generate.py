@@ -41,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     a("--crop-batch-size", type=int, default=8, help="crop-fusion windows per UNet call for clips longer than "
       "the native window (default 8)")
     a("--hop-frames", type=int, default=None, help="crop-fusion hop in latent frames (default 3/4 of the window)")
+    a("--taper", type=int, default=None,
+      help="crop-fusion cross-fade in latent frames: each window's weight ramps linearly over its first and "
+      "last N frames; 0 = the plain average, whose weights jump at window edges (default: the windows' "
+      "overlap, window minus hop, at most half the window)")
     a("--max-duration", type=float, default=600.0, help="rows with a longer duration_s are rejected (default 600)")
     a("--default-steps", type=int, default=None, help="sampling steps for rows without `steps`: 1-8 for a "
       "distilled student (default 4), 1-1000 for a DDIM teacher (default 50, with classifier-free guidance "
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         config = BatchConfig(
             manifest=args.manifest, output=output, run_name=run_name, model=args.model, num_actors=args.num_actors,
             batch_size=args.batch_size, long_batch_size=args.long_batch_size, long_threshold_s=args.long_threshold_s,
-            crop_batch_size=args.crop_batch_size, hop_frames=args.hop_frames, max_duration=args.max_duration,
+            crop_batch_size=args.crop_batch_size, hop_frames=args.hop_frames, taper=args.taper,
+            max_duration=args.max_duration,
             default_steps=args.default_steps, default_format=args.default_format, max_timestep=args.max_timestep,
             metrics_rows_per_shard=args.metrics_rows_per_shard, metrics_flush_s=args.metrics_flush_s,
             strict=args.strict, device=args.device, dtype=args.dtype, local_files_only=args.local_files_only,

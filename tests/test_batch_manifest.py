@@ -325,8 +325,8 @@ def test_read_metrics_of_an_empty_output_is_an_empty_table(tmp_path: Path) -> No
 def test_config_validates_and_round_trips() -> None:
     config = BatchConfig(manifest="m.parquet", output="out", num_actors=2, hop_frames=16)
     assert BatchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert set(config.fingerprint()) == {"model", "default_steps", "default_format", "hop_frames", "max_timestep",
-                                         "dtype"}
+    assert set(config.fingerprint()) == {"model", "default_steps", "default_format", "hop_frames", "taper",
+                                         "max_timestep", "dtype"}
     assert config.stall_timeout_s == 36000.0
     assert config.default_steps is None  # the model's default, resolved before the run (4 or 50)
     assert BatchConfig(manifest="m", output="o", default_steps=1000).default_steps == 1000  # a teacher's limit

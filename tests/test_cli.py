@@ -85,7 +85,8 @@ def test_help_documents_every_flag():
     r = run_cli("generate", "--help")
     assert r.returncode == 0
     for flag in ("--model", "--prompt", "--duration", "--steps", "--seed", "--out", "--guidance-scale",
-                 "--hop-frames", "--crop-batch-size", "--max-duration", "--device", "--dtype", "--local-files-only"):
+                 "--hop-frames", "--taper",
+                 "--crop-batch-size", "--max-duration", "--device", "--dtype", "--local-files-only"):
         assert flag in r.stdout
 
 

@@ -89,6 +89,14 @@ def test_one_window_pipeline_equals_plain_sampler_bit_for_bit(student):
     assert np.array_equal(ours, by_hand)
 
 
+def test_fusion_taper_defaults_to_a_cross_fade_over_the_overlap(student):
+    window = student.c.geometry.window_frames
+    assert student.resolve(GenerationConfig()).taper == window - window * 3 // 4
+    assert student.resolve(GenerationConfig(hop_frames=window)).taper == 0  # no overlap, nothing to fade
+    assert student.resolve(GenerationConfig(hop_frames=1)).taper == window // 2
+    assert student.resolve(GenerationConfig(taper=0)).taper == 0  # the plain average stays available
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -104,6 +112,8 @@ def test_one_window_pipeline_equals_plain_sampler_bit_for_bit(student):
         (dict(config=GenerationConfig(steps=51)), "steps"),
         (dict(config=GenerationConfig(crop_batch_size=0)), "crop_batch_size"),
         (dict(config=GenerationConfig(hop_frames=999)), "hop_frames"),
+        (dict(config=GenerationConfig(taper=-1)), "taper"),
+        (dict(config=GenerationConfig(taper=10_000)), "taper"),
         (dict(config=GenerationConfig(guidance_scale=0.5)), "guidance_scale"),
         (dict(config=GenerationConfig(max_timestep=1000)), "max_timestep"),
         (dict(config=GenerationConfig(max_timestep=30, steps=4)), "steps must be in 1..1"),

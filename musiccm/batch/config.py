@@ -17,7 +17,7 @@ MAX_STEPS = 8  # distilled student
 MAX_TEACHER_STEPS = 1000  # DDIM teacher, and a hub-id model whose kind is known only once an actor loads it
 STUDENT_DEFAULT_STEPS, TEACHER_DEFAULT_STEPS = 4, 50  # as musiccm.pipeline.MusicCM.resolve
 # Fields that change the audio written for a row: a rerun into the same output must keep them.
-FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "max_timestep", "dtype")
+FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "taper", "max_timestep", "dtype")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -35,6 +35,7 @@ class BatchConfig:
     long_threshold_s: float = 20.0
     crop_batch_size: int = 8  # crop-fusion windows per UNet call
     hop_frames: int | None = None  # crop-fusion hop in latent frames (None: 3/4 of the window)
+    taper: int | None = None  # crop-fusion cross-fade in latent frames (None: the overlap; 0: plain average)
     max_duration: float = 600.0  # longest allowed duration_s; longer rows are rejected
     default_steps: int | None = None  # rows without `steps` (None: the model's, 4 for a student, 50 for a teacher)
     default_format: str = "flac"  # rows without `format`
@@ -66,6 +67,8 @@ class BatchConfig:
         need(_is_int(self.crop_batch_size) and self.crop_batch_size >= 1, "crop_batch_size", "an integer ≥ 1")
         need(self.hop_frames is None or (_is_int(self.hop_frames) and self.hop_frames >= 1), "hop_frames",
              "an integer ≥ 1 (≤ the native window) or None")
+        need(self.taper is None or (_is_int(self.taper) and self.taper >= 0), "taper",
+             "an integer ≥ 0 (≤ half the native window) or None (the windows' overlap)")
         need(_positive(self.max_duration), "max_duration", "a number of seconds > 0")
         need(self.default_steps is None or (_is_int(self.default_steps) and
                                              1 <= self.default_steps <= MAX_TEACHER_STEPS), "default_steps",

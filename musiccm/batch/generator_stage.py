@@ -92,8 +92,8 @@ class GeneratorStage:
         # Steps come with every row (or are null: the model's default); a value the model refuses fails its
         # clips in _generate, never the actor.
         self.generator = MusicCM(self.components, GenerationConfig(
-            hop_frames=config.hop_frames, crop_batch_size=config.crop_batch_size, max_duration=config.max_duration,
-            max_timestep=config.max_timestep))
+            hop_frames=config.hop_frames, taper=config.taper, crop_batch_size=config.crop_batch_size,
+            max_duration=config.max_duration, max_timestep=config.max_timestep))
         self.native_s = self.components.geometry.native_duration
         self.uses_guidance = self.components.has_guidance_embedding or not self.components.is_consistency
         self.node_id = node_identity()
@@ -119,7 +119,7 @@ class GeneratorStage:
         duration = first["duration_s"] or self.native_s
         cfg = GenerationConfig(
             steps=first["steps"], guidance_scale=first["guidance_scale"], hop_frames=self.config.hop_frames,
-            crop_batch_size=self.config.crop_batch_size, max_duration=self.config.max_duration,
+            taper=self.config.taper, crop_batch_size=self.config.crop_batch_size, max_duration=self.config.max_duration,
             max_timestep=self.config.max_timestep,
         )
         prompts = [r["prompt"] for r in rows]
