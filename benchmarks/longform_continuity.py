@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from musiccm import model
     from musiccm.evaluation import classifier
-    from musiccm.pipeline import GenerationConfig, MusicCM
-
     from musiccm.longform import window_starts
+    from musiccm.pipeline import GenerationConfig, MusicCM
 
     gen = MusicCM(model.load(args.model), GenerationConfig(steps=args.steps, max_timestep=args.max_timestep,
                                                            taper=args.taper))
