@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from musiccm.defaults import DEFAULT_MODEL
+from musiccm.defaults import DEFAULT_MODEL, TAPER_HELP
 from musiccm.logs import quiet_libraries
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
@@ -38,10 +38,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file, .flac or .wav (16-bit PCM), written atomically")
     p.add_argument("--hop-frames", type=int, default=None,
                    help="crop-fusion hop in latent frames (default 3/4 of the native window)")
-    p.add_argument("--taper", type=int, default=None,
-                   help="crop-fusion cross-fade in latent frames: each window's weight ramps linearly over its "
-                   "first and last N frames; 0 = the plain average, whose weights jump at window edges (default: "
-                   "the windows' overlap, window minus hop, at most half the window)")
+    p.add_argument("--taper", type=int, default=None, help=TAPER_HELP)
     p.add_argument("--crop-batch-size", type=int, default=8, help="windows per UNet call in long-form (default 8)")
     p.add_argument("--max-duration", type=float, default=600.0, help="longest allowed duration in s (default 600)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

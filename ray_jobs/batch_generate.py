@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from musiccm.batch.config import BatchConfig
-from musiccm.defaults import DEFAULT_MODEL
+from musiccm.defaults import DEFAULT_MODEL, TAPER_HELP
 from musiccm.jobs import batch
 
 
@@ -41,10 +41,7 @@ def parser() -> argparse.ArgumentParser:
     a("--crop-batch-size", type=int, default=8, help="crop-fusion windows per UNet call for clips longer than "
       "the native window (default 8)")
     a("--hop-frames", type=int, default=None, help="crop-fusion hop in latent frames (default 3/4 of the window)")
-    a("--taper", type=int, default=None,
-      help="crop-fusion cross-fade in latent frames: each window's weight ramps linearly over its first and "
-      "last N frames; 0 = the plain average, whose weights jump at window edges (default: the windows' "
-      "overlap, window minus hop, at most half the window)")
+    a("--taper", type=int, default=None, help=TAPER_HELP)
     a("--max-duration", type=float, default=600.0, help="rows with a longer duration_s are rejected (default 600)")
     a("--default-steps", type=int, default=None, help="sampling steps for rows without `steps`: 1-8 for a "
       "distilled student (default 4), 1-1000 for a DDIM teacher (default 50, with classifier-free guidance "

@@ -426,8 +426,7 @@ class Distiller:
         assert self.fake is not None and self.opt_fake is not None
         cfg, b = self.config, generated.shape[0]
         total, total_cls, skipped = 0.0, 0.0, 0
-        both = self.gan is not None
-        w_emb = self._w_emb(torch.zeros(2 * b if both else b), self.teacher_w_dim, generated.dtype)
+        w_emb = self._w_emb(torch.zeros(2 * b if self.gan is not None else b), self.teacher_w_dim, generated.dtype)
         for _ in range(cfg.fake_updates):
             x_t, t, a, noise = self._noised(generated, gen)
             cls = torch.zeros((), device=self.device)
