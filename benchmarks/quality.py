@@ -8,8 +8,14 @@ held-out reference clips (the same prompts rendered by the soundfont), so FD/KID
 embedding, IS/KL its instrument logits, and attribute accuracy its heads; CLAP is the model's own. Latency is
 one clip at batch size 1 in this process (median of ``--latency-runs``), as the paper's seconds per clip.
 
+One noise draw per prompt measures FD on 256 clips to within about a point; ``--draws N`` runs every row N times
+with different noise (draw 0: the seeds the batch job derives from the prompt ids; draw d: seeds derived from
+``{id}/draw-{d}``), and the table then shows each metric's mean over the draws, FD_cls as mean ± standard
+deviation, with a second table of every draw's FD_cls.
+
     python benchmarks/quality.py --write            # the demo's outputs/demo/{teacher,student,...}
     python benchmarks/quality.py --limit 8 --configs teacher-ddim4 student-1   # a quick subset
+    python benchmarks/quality.py --configs teacher-ddim4 student-1 --draws 5     # FD's spread over noise draws
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from report import header, publish
+
+from musiccm.batch.manifest import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 # (label, which model, steps, first-timestep rule, row name). The teacher rows sample with classifier-free guidance
@@ -86,6 +95,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--batch-size", type=int, default=16, help="batch job --batch-size (default %(default)s)")
     p.add_argument("--latency-runs", type=int, default=5, help="timed single-clip runs per row (default 5)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="noise draws per row: each row is generated and evaluated this many times with different "
+                        "seeds (draw 0 = the seeds derived from the prompt ids) and reported as the mean, FD_cls "
+                        "with its standard deviation (default %(default)s)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a row's generations and evaluation from an earlier run into the same --out when its "
                         "model files, settings and prompts are unchanged (latency is always measured again)")
@@ -95,6 +108,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (math.isfinite(args.teacher_guidance) and args.teacher_guidance >= 1):
         p.error(f"--teacher-guidance must be a finite number >= 1 (1 = no guidance), got {args.teacher_guidance}")
+    if args.draws < 1:
+        p.error(f"--draws must be an integer >= 1, got {args.draws}")
     return args
 
 
@@ -137,15 +152,28 @@ def latency(model_dir: str, steps: int, guidance: float | None, max_t: int | Non
     return statistics.median(times)
 
 
-def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, guidance: float | None, max_t: int | None,
-            prompts: Path, ref: Path, out: Path) -> dict:
-    """Generate, evaluate and time one configuration; returns its metrics.json plus latency."""
-    manifest = prompts
+def draw_manifest(prompts: Path, out: Path, label: str, guidance: float | None, draw: int) -> Path:
+    """The prompts as the batch job gets them for one row and draw: the teacher's guidance scale as a column, and
+    for draw d > 0 a seed column derived from ``{id}/draw-{d}`` (draw 0 leaves the job to derive seeds from ids)."""
+    if guidance is None and draw == 0:
+        return prompts
+    table = pq.read_table(prompts)
     if guidance is not None:
-        table = pq.read_table(prompts)
         table = table.append_column("guidance_scale", pa.array([guidance] * table.num_rows, pa.float64()))
-        manifest = out / f"prompts-{label}.parquet"
-        pq.write_table(table, manifest)
+    if draw:
+        seeds = pa.array([derive_seed(f"{i}/draw-{draw}") for i in table["id"].to_pylist()], pa.int64())
+        if "seed" in table.column_names:
+            table = table.drop_columns(["seed"])
+        table = table.append_column("seed", seeds)
+    manifest = out / f"prompts-{label}.parquet"
+    pq.write_table(table, manifest)
+    return manifest
+
+
+def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, guidance: float | None, max_t: int | None,
+            prompts: Path, ref: Path, out: Path, draw: int = 0) -> dict:
+    """Generate and evaluate one configuration (one noise draw, named ``label``); returns its metrics.json."""
+    manifest = draw_manifest(prompts, out, label, guidance, draw)
     gen_dir, eval_dir = out / "gen" / label, out / "eval" / label
     key, key_file = row_key(model_dir, steps, guidance, max_t, manifest), eval_dir / "row-key.json"
     if args.reuse and (eval_dir / "metrics.json").exists() and key_file.exists() \
@@ -168,9 +196,27 @@ def one_row(args: argparse.Namespace, label: str, model_dir: str, steps: int, gu
              str(eval_dir), "--classifier", args.classifier, "--table", str(out / "table.md"), "--label", label,
              "--progress-s", "60"])
         key_file.write_text(json.dumps(key, indent=2))
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    metrics["latency_s"] = latency(model_dir, steps, guidance, max_t, args.latency_runs)
-    return metrics
+    return json.loads((eval_dir / "metrics.json").read_text())
+
+
+def mean_over_draws(draws: list[dict]) -> dict:
+    """The first draw's metrics.json with every metric and accuracy replaced by its mean over ``draws``, the
+    draws' FD_cls kept as ``fd_cls_draws`` (and their standard deviation, with two or more)."""
+    def mean(key: str, sub: str | None = None) -> Any:
+        vals = [(d.get(sub) or {}).get(key) if sub else d.get(key) for d in draws]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+        return statistics.fmean(vals) if numeric else vals[0]
+
+    row = dict(draws[0])
+    row["metrics"] = {k: mean(k, "metrics") for k in draws[0].get("metrics", {})}
+    row["attribute_accuracy"] = {k: mean(k, "attribute_accuracy") for k in draws[0].get("attribute_accuracy") or {}}
+    row["attribute_accuracy_mean"] = mean("attribute_accuracy_mean")
+    fd = [d["metrics"].get("frechet_distance_cls") for d in draws]
+    if None not in fd:
+        row["fd_cls_draws"] = fd
+        row["fd_cls_std"] = statistics.stdev(fd) if len(fd) > 1 else None
+    row["draws"] = len(draws)
+    return row
 
 
 def row_key(model_dir: str, steps: int, guidance: float | None, max_t: int | None, manifest: Path) -> dict:
@@ -198,12 +244,26 @@ def table(rows: dict[str, dict]) -> str:
         acc = m.get("attribute_accuracy") or {}
         accs = " / ".join(f"{100 * acc[h]:.1f}" if h in acc else "–" for h in LABEL_HEADS)
         mean = m.get("attribute_accuracy_mean")
-        lines.append(f"| {m['name']} | {m['steps']} | {fmt(v.get('frechet_distance_cls'))} | "
+        fd = fmt(v.get("frechet_distance_cls"))
+        if m.get("fd_cls_std") is not None:
+            fd += f" ± {m['fd_cls_std']:.2f}"
+        lines.append(f"| {m['name']} | {m['steps']} | {fd} | "
                      f"{fmt(v.get('kernel_inception_distance_cls_mean'), 4)} | "
                      f"{fmt(v.get('inception_score_cls_mean'))} | "
                      f"{fmt(v.get('kullback_leibler_divergence_cls_softmax'))} | {accs} | "
                      f"{fmt(None if mean is None else 100 * mean, 1)} | {fmt(v.get('clap_text_audio_mean'), 3)} | "
                      f"{m['latency_s']:.3f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def draws_table(rows: dict[str, dict]) -> str:
+    """Every draw's FD_cls per row (rows of a run with ``--draws`` > 1)."""
+    n = max(len(m.get("fd_cls_draws", [])) for m in rows.values())
+    head = ("| model | steps | " + " | ".join(f"draw {d}" for d in range(n)) + " | mean ± sd |\n|---|---|"
+            + "---|" * (n + 1) + "\n")
+    lines = [f"| {m['name']} | {m['steps']} | " + " | ".join(f"{x:.2f}" for x in m["fd_cls_draws"])
+             + f" | {statistics.fmean(m['fd_cls_draws']):.2f} ± {m['fd_cls_std']:.2f} |"
+             for m in rows.values() if m.get("fd_cls_std") is not None]
     return head + "\n".join(lines) + "\n"
 
 
@@ -221,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
         guidance = args.teacher_guidance if which == "teacher" else None
-        metrics = one_row(args, label, models[which], steps, guidance, max_t, prompts, ref, out)
+        draws = [one_row(args, label if d == 0 else f"{label}-draw{d}", models[which], steps, guidance, max_t,
+                         prompts, ref, out, d) for d in range(args.draws)]
+        metrics = mean_over_draws(draws)
+        metrics["latency_s"] = latency(models[which], steps, guidance, max_t, args.latency_runs)
         renamed = {"student": args.student_name, "student_noadv": args.student_noadv_name}.get(which)
         if renamed and rule == "max":
             name = renamed
@@ -232,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     text = (header(args.title, "quality.py", argv)
             + f"{pq.read_metadata(prompts).num_rows} held-out prompts, native 2.56 s clips; latency: one clip at "
             f"batch size 1 in this process; teacher rows' guidance scale {args.teacher_guidance:g}; student rows' "
-            f"first timestep: {first} unless named\n\n"
-            f"{table(rows)}\nClassifier accuracy on the real reference clips: "
+            f"first timestep: {first} unless named"
+            + (f"; every metric the mean over {args.draws} noise draws per prompt, FD_cls ± its standard deviation "
+               f"over the draws" if args.draws > 1 else "") + "\n\n"
+            f"{table(rows)}\n" + (f"FD_cls ↓ of each draw:\n\n{draws_table(rows)}\n" if args.draws > 1 else "")
+            + "Classifier accuracy on the real reference clips: "
             f"{json.dumps(reference)}\n")
     publish(text, args.write)
     return 0
