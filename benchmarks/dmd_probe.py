@@ -1,6 +1,6 @@
 """Distribution matching for the 1-step target: DMD2's generator loss on a consistency student (a probe).
 
-The probe that preceded the job's own ``ray_jobs/distill.py --dmd-weight`` (which made musiccm-demo-v5, with
+The probe that preceded the job's own ``ray_jobs/distill.py --dmd-weight`` (which made musiccm-demo-v5 and v6, with
 L_distil as its regulariser instead of the frozen-student one below); kept for comparing the two.
 
 A consistency student's one jump is a regression onto its teacher's trajectory and settles on its smooth mean; a

@@ -5,8 +5,9 @@
 # Rerunning resumes each run from its latest checkpoint (same --name and --storage). RUNS="student" or
 # RUNS="ablation" runs only one of the two. RUNS="... dmd" adds a third run after them: the ablation student
 # fine-tuned with distribution matching (--dmd-weight 1, DMD2's loss on its 1-step jump, with L_distil at λ = 0.3 as
-# the regulariser that keeps its later steps consistent; lr 3e-5 without warm-up, DMD_STEPS=150 steps) into
-# $WORK/student-dmd; it needs $WORK/student-noadv.
+# the regulariser that keeps its later steps consistent; lr 3e-5 without warm-up, DMD_STEPS=225 steps of
+# DMD_BATCH=32 clips: batch 32 measured closer to the data than 16, benchmarks/RESULTS.md) into $WORK/student-dmd;
+# it needs $WORK/student-noadv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-outputs/demo}
@@ -37,5 +38,5 @@ fi
 if [[ $RUNS == *" dmd "* ]]; then
   .venv/bin/python ray_jobs/distill.py --name demo-student-dmd --output "$WORK/student-dmd" "${common[@]}" \
     --adv-weight 0 --student-init "$WORK/student-noadv" --dmd-weight 1 --distill-weight 0.3 --lr 3e-5 \
-    --warmup-steps 0 --max-steps "${DMD_STEPS:-150}" --checkpoint-every 50 "$@"
+    --warmup-steps 0 --max-steps "${DMD_STEPS:-225}" --batch-size "${DMD_BATCH:-32}" --checkpoint-every 25 "$@"
 fi

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole demo recipe at the "hour" preset in one command: data, parts, teacher, classifier (recipes/demo/train.py
 # --preset hour) and two runs of ray_jobs/distill.py: a distillation without L_adv (the variant that measured better
-# on the full run; it made musiccm-demo-v4) and a 150-step fine-tune of that student with distribution matching
-# (--dmd-weight, recipes/demo/distill.sh's "dmd" run), into outputs/demo-hour; the second made the shipped default
-# model (musiccm-demo-v5). Without the fine-tune it took 30 min end to end on 2 CPU cores on 2026-12-02 (after the
-# distillation job's report fix, on a day the machine ran about 3 times faster than for an earlier 119-min timing);
-# the fine-tune took 8 min more (482 s, timed separately later that day); recipes/demo/README.md has the stage times
-# and figures. The
+# on the full run; it made musiccm-demo-v4) and a 225-step fine-tune of that student with distribution matching
+# (--dmd-weight, recipes/demo/distill.sh's "dmd" run, batch 32), into outputs/demo-hour; the second made the shipped
+# default model (musiccm-demo-v6; musiccm-demo-v5 was 150 steps of 16). Without the fine-tune it took 30 min end to
+# end on 2 CPU cores on 2026-12-02 (after the distillation job's report fix, on a day the machine ran about 3 times
+# faster than for an earlier 119-min timing); the fine-tune takes about 20 min more (RECIPE_TIME, timed separately
+# on 2026-12-03); recipes/demo/README.md has the stage times and figures. The
 # distillation uses guidance w = 6 (diffusers scale 7) instead of distill.sh's w = 2: at scale 7 this short-trained
 # teacher's 4-step DDIM is both closer to the data and more on-prompt (benchmarks/RESULTS.md, "Guidance probe" and
 # "CLAP text warm-up probe"); it
@@ -18,7 +18,8 @@
 # saves about 14 min on the slower day (3 on the faster) for a model about as good as musiccm-demo-v3. Rerunning
 # skips finished stages and resumes the distillation from its last checkpoint. Extra arguments go to train.py (e.g.
 # --threads 2); STEPS=... sets the first distillation's steps, W=... its guidance weight, MAX_T=... its highest solver
-# timestep (both runs use W and MAX_T), DMD_STEPS=... the fine-tune's steps (default 150).
+# timestep (both runs use W and MAX_T), DMD_STEPS=... the fine-tune's steps (default 225),
+# DMD_BATCH=... its batch size (default 32).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WORK=${WORK:-outputs/demo-hour}
