@@ -21,10 +21,10 @@ from musiccm.pipeline import GenerationConfig, MusicCM
 CLASSIFIER = Path(__file__).resolve().parents[1] / "musiccm" / "assets" / "demo_classifier"
 CHANCE = {k: 1 / len(v) for k, v in synthetic.CLASSES.items()}  # instrument 1/8, tempo 1/3, drums 1/3
 # Measured for the shipped student (musiccm-demo-v6) on these 48 prompts (2026-12-03, CPU): instrument 0.88,
-# tempo 0.90, drums 0.90 (musiccm-demo-v5: 0.83 / 0.90 / 0.85; v4: 0.79 / 0.81 / 0.75; v3: 0.75 / 0.77 / 0.67). The bars sit
-# well above chance with room for other platforms' float rounding; musiccm-demo-v4 sampled from t = 999 instead of
-# its 699 (0.48 / 0.65 / 0.73) failed the instrument bar, as would the first default (musiccm-demo-v1, measured from
-# t = 599: 0.58 / 0.88 / 0.85).
+# tempo 0.90, drums 0.90 (musiccm-demo-v5: 0.83 / 0.90 / 0.85; v4: 0.79 / 0.81 / 0.75; v3: 0.75 / 0.77 / 0.67).
+# The bars sit well above chance with room for other platforms' float rounding; musiccm-demo-v4 sampled from
+# t = 999 instead of its 699 (0.48 / 0.65 / 0.73) failed the instrument bar, as would the first default
+# (musiccm-demo-v1, measured from t = 599: 0.58 / 0.88 / 0.85).
 MIN_ACCURACY = {"instrument": 0.6, "tempo": 0.6, "drums": 0.55}
 
 

@@ -5,8 +5,8 @@
 # (--dmd-weight, recipes/demo/distill.sh's "dmd" run, batch 32), into outputs/demo-hour; the second made the shipped
 # default model (musiccm-demo-v6; musiccm-demo-v5 was 150 steps of 16). Without the fine-tune it took 30 min end to
 # end on 2 CPU cores on 2026-12-02 (after the distillation job's report fix, on a day the machine ran about 3 times
-# faster than for an earlier 119-min timing); the fine-tune takes about 20 min more (RECIPE_TIME, timed separately
-# on 2026-12-03); recipes/demo/README.md has the stage times and figures. The
+# faster than for an earlier 119-min timing); the fine-tune takes about 21 min more (1,282 s, timed
+# separately on 2026-12-03); recipes/demo/README.md has the stage times and figures. The
 # distillation uses guidance w = 6 (diffusers scale 7) instead of distill.sh's w = 2: at scale 7 this short-trained
 # teacher's 4-step DDIM is both closer to the data and more on-prompt (benchmarks/RESULTS.md, "Guidance probe" and
 # "CLAP text warm-up probe"); it
