@@ -13,6 +13,7 @@ ratio is at least the observed one) are uniform on [0, 1]: about 5 % below 0.05,
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -42,6 +43,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def null_rank(mel: torch.Tensor, marks: list[int], period: int, stride: int) -> tuple[float, float]:
+    """The flux ratio at the marks, and the fraction of the marks' joint shifts through one period that reach it."""
+    observed = flux_ratio(mel, marks)
+    null = np.array([flux_ratio(mel, [m - period // 2 + k for m in marks]) for k in range(0, period, stride)])
+    return observed, float(np.mean(null >= observed))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from musiccm import model
@@ -54,21 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     seg = gen.c.geometry.num_samples(args.segment_s)
     period = seg // mel_cfg.hop_length
     prompts = pq.read_table(args.prompts, columns=["prompt"]).column("prompt").to_pylist()[: args.count]
-    ranks, observed = [], []
+    ranks, observed, silent = [], [], 0
     for s in args.seeds:
         for i, prompt in enumerate(prompts):
             wave = gen.generate([prompt], args.duration, [1000 * s + i]).waveforms[0]
             mel = log_mel(torch.from_numpy(wave).float()[None], mel_cfg)[0]
             marks = [b // mel_cfg.hop_length for b in range(seg, len(wave), seg)]
-            obs = flux_ratio(mel, marks)
-            null = np.array([flux_ratio(mel, [m - period // 2 + k for m in marks])
-                             for k in range(0, period, args.null_stride)])
-            ranks.append(float(np.mean(null >= obs)))
+            obs, rank = null_rank(mel, marks, period, args.null_stride)
+            if not math.isfinite(obs):  # a silent or constant clip has no flux to compare
+                silent += 1
+                print(f"draw {s} prompt {i}: no spectral flux (silent or constant clip), left out", flush=True)
+                continue
+            ranks.append(rank)
             observed.append(obs)
-            print(f"draw {s} prompt {i}: flux ratio at the marks {obs:.2f}, rank in the null {ranks[-1]:.3f}",
-                  flush=True)
+            print(f"draw {s} prompt {i}: flux ratio at the marks {obs:.2f}, rank in the null {rank:.3f}", flush=True)
+    if not ranks:
+        print(f"error: all {silent} clips were silent or constant; nothing to rank", file=sys.stderr)
+        return 1
     r = np.array(ranks)
-    print(f"{len(r)} clips: mean flux ratio at the marks {np.mean(observed):.3f} (median {np.median(observed):.3f}); "
+    left_out = f" ({silent} silent clips left out)" if silent else ""
+    print(f"{len(r)} clips{left_out}: mean flux ratio at the marks {np.mean(observed):.3f} "
+          f"(median {np.median(observed):.3f}); "
           f"null rank mean {r.mean():.3f}, below 0.05 {np.mean(r < 0.05):.3f}, below 0.10 {np.mean(r < 0.10):.3f} "
           "(uniform: 0.5, 0.05, 0.10)")
     return 0

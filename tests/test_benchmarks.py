@@ -33,3 +33,40 @@ def test_distill_throughput_records_the_precision_it_ran():
               "--steps", "1", "--warmup", "0", "--threads", "1", "--mixed-precision", "bf16")
     # autocast is GPU-only in the distiller, so a CPU row must say it ran in full precision
     assert re.search(r"^\| tiny \| without \| cpu \| no \| 1 \| 4 \|", out, re.M), out
+
+
+def test_longform_null_ranks_the_marks_against_shifted_instants(tiny_student_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from longform_null import null_rank
+
+    # flux spikes at the marks only: no shift of them reaches the observed ratio but the zero shift itself
+    mel = torch.zeros(400, 8)
+    marks = [100, 200, 300]
+    for m in marks:
+        mel[m:] += 5.0
+    mel += 0.01 * torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    observed, rank = null_rank(mel, marks, period=100, stride=2)
+    assert observed > 50 and rank == 1 / 50
+    # no spikes: the marks are one shift among many, somewhere in the middle of the null
+    _, rank = null_rank(mel[:99].repeat(4, 1), [99, 198, 297], period=99, stride=1)
+    assert 0.02 < rank < 0.98
+
+    from musiccm import synthetic
+
+    prompts = synthetic.write_prompts(tmp_path / "prompts.parquet", count=2, seed=3)
+    # the committed demo student (the tiny random one makes silence, which has no flux to rank)
+    out = run("benchmarks/longform_null.py", "--prompts", str(prompts), "--count", "2", "--seeds", "0", "1",
+              "--duration", "8", "--segment-s", "3", "--steps", "1")
+    lines = re.findall(r"^draw (\d) prompt (\d): flux ratio at the marks [\d.]+, rank in the null ([\d.]+)$", out, re.M)
+    assert [(d, p) for d, p, _ in lines] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert all(0 < float(r) <= 1 for _, _, r in lines)
+    assert re.search(r"^4 clips: mean flux ratio at the marks", out, re.M)
+    r = subprocess.run([sys.executable, "benchmarks/longform_null.py", "--segment-s", "60"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--segment-s must be in (0, --duration)" in r.stderr
+    r = subprocess.run([sys.executable, "benchmarks/longform_null.py", "--model", tiny_student_dir, "--prompts",
+                        str(prompts), "--count", "1", "--seeds", "0", "--duration", "3", "--segment-s", "1",
+                        "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "silent or constant clip), left out" in r.stdout, r.stdout + r.stderr
+    assert "all 1 clips were silent or constant" in r.stderr
