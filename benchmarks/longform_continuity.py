@@ -54,11 +54,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def flux_ratio(mel: torch.Tensor, frames: list[int]) -> float:
-    """Mean |Δ log-mel| across the given frame boundaries over the median frame-to-frame flux."""
-    flux = (mel[1:] - mel[:-1]).abs().mean(1)  # (T-1,): flux[t] is between frames t and t+1
+def frame_flux(mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame-to-frame flux, mean |Δ log-mel| (flux[t] is between frames t and t+1), and its median."""
+    flux = (mel[1:] - mel[:-1]).abs().mean(1)
+    return flux, flux.median()
+
+
+def ratio_at(flux: torch.Tensor, median: torch.Tensor, frames: list[int]) -> float:
+    """Mean flux across the given frame boundaries over the median (from `frame_flux`)."""
     at = torch.stack([flux[f - 1] for f in frames if 0 < f < len(flux)])
-    return float(at.mean() / flux.median())
+    return float(at.mean() / median)
 
 
 def embedding_jump(net, wave: torch.Tensor, sr: int, instants: list[int], half: int, window: int) -> float:
@@ -96,9 +101,9 @@ def measure(net, wave: np.ndarray, sr: int, window: int, segment: int, labels: d
     x = torch.from_numpy(wave).float()
     hop = MelConfig().hop_length
     instants = list(range(segment, len(x), segment))
-    mel = log_mel(x[None], MelConfig(sample_rate=sr))[0]
-    return {"flux_ratio": flux_ratio(mel, [s // hop for s in instants]),
-            "edge_flux_ratio": flux_ratio(mel, [s // hop for s in edges]),
+    flux, median = frame_flux(log_mel(x[None], MelConfig(sample_rate=sr))[0])
+    return {"flux_ratio": ratio_at(flux, median, [s // hop for s in instants]),
+            "edge_flux_ratio": ratio_at(flux, median, [s // hop for s in edges]),
             "embedding_jump": embedding_jump(net, x, sr, instants, window // 2, window),
             **consistency(net, x, sr, window, labels)}
 

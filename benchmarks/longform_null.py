@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from longform_continuity import flux_ratio
+from longform_continuity import frame_flux, ratio_at
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -45,8 +45,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def null_rank(mel: torch.Tensor, marks: list[int], period: int, stride: int) -> tuple[float, float]:
     """The flux ratio at the marks, and the fraction of the marks' joint shifts through one period that reach it."""
-    observed = flux_ratio(mel, marks)
-    null = np.array([flux_ratio(mel, [m - period // 2 + k for m in marks]) for k in range(0, period, stride)])
+    flux, median = frame_flux(mel)  # once per clip, not once per shift
+    observed = ratio_at(flux, median, marks)
+    null = np.array([ratio_at(flux, median, [m - period // 2 + k for m in marks]) for k in range(0, period, stride)])
     return observed, float(np.mean(null >= observed))
 
 
