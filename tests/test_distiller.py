@@ -88,6 +88,7 @@ def test_config_round_trip_and_validation():
         ({"dmd_weight": -1.0}, "dmd_weight"), ({"dmd_timestep": 1000}, "dmd_timestep"),
         ({"dmd_min_t": 500, "dmd_max_t": 400}, "dmd_max_t"), ({"fake_updates": 0}, "fake_updates"),
         ({"fake_lr": 0.0}, "fake_lr"), ({"gan_weight": -1.0}, "gan_weight"),
+        ({"dmd_guidance": 0.5}, "dmd_guidance"), ({"dmd_guidance": float("inf")}, "float >= 1"),
         ({"gan_weight": 0.1}, "unless dmd_weight > 0"), ({"gan_cls_weight": 0.0}, "gan_cls_weight"),
     ]:
         with pytest.raises(ValueError, match=words) as info:
@@ -360,6 +361,11 @@ def test_dmd_moves_the_student_only_where_teacher_and_fake_score_disagree(teache
     base = dict(FAST, adv_weight=0.0, distill_weight=0.0, dmd_weight=1.0, fake_updates=1, warmup_steps=0)
     norms = {w: Distiller(teacher, DistillConfig(**base, w=w)).train_step(batch)["grad_norm"] for w in (0.0, 2.0)}
     assert norms[2.0] > 1e-3 and norms[0.0] < 1e-2 * norms[2.0], norms  # measured: 2e-5 against 3e-2
+    # dmd_guidance replaces 1 + w in the real score only: scale 1 at w = 2 vanishes, scale 3 at w = 0 does not.
+    fixed = {g: Distiller(teacher, DistillConfig(**base, w=2.0 - (g - 1.0), dmd_guidance=g)).train_step(batch)
+             for g in (1.0, 3.0)}
+    assert fixed[1.0]["grad_norm"] < 1e-2 * norms[2.0], fixed
+    assert fixed[3.0]["grad_norm"] == pytest.approx(norms[2.0], rel=1e-3), fixed
 
 
 def test_gan_losses_are_logistic():

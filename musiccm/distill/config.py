@@ -90,6 +90,10 @@ class DistillConfig:
     dmd_timestep: int | None = None
     dmd_min_t: int = 20  # timesteps the generated clips are noised to for matching (DMD2: 2 %..98 % of T)
     dmd_max_t: int = 980
+    # The teacher's guidance scale as the real score (diffusers' convention, 1 + w). None = each clip's 1 + w, the
+    # guidance the student is distilled for. DMD2 tunes it apart (SD 1.5: 1.75, SDXL: 8): the student's 1-step
+    # samples then match the teacher's distribution at that scale.
+    dmd_guidance: float | None = None
     fake_lr: float = 1e-4  # the fake score's AdamW lr (DMD2: a faster critic)
     fake_updates: int = 4  # fake-score updates per student step (DMD2's two time-scale rule uses 5)
     # DMD2's GAN term (Yin et al. 2024b, §4.3): a small classifier on the fake score's bottleneck (mid-block)
@@ -233,6 +237,8 @@ class DistillConfig:
         need(integer(self.dmd_min_t) and 0 <= self.dmd_min_t <= 999, "dmd_min_t", "an integer in 0..999")
         need(integer(self.dmd_max_t) and self.dmd_min_t <= self.dmd_max_t <= 999, "dmd_max_t",
              f"an integer in {self.dmd_min_t}..999 (>= dmd_min_t)")
+        need(self.dmd_guidance is None or (finite(self.dmd_guidance) and self.dmd_guidance >= 1), "dmd_guidance",
+             "None (each clip's 1 + w) or a float >= 1 (1 = the teacher without guidance)")
         need(finite(self.fake_lr) and 0 < self.fake_lr <= 1, "fake_lr", "a float in (0, 1]")
         need(integer(self.fake_updates) and self.fake_updates >= 1, "fake_updates", "an integer >= 1")
         need(finite(self.gan_weight) and self.gan_weight >= 0, "gan_weight", "a float >= 0 (0 = off)")

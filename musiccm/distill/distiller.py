@@ -397,17 +397,19 @@ class Distiller:
     def _dmd_loss(self, cond: torch.Tensor, w: torch.Tensor, gen: torch.Generator,
                   shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Distribution matching (DMD): the student's 1-step sample from fresh noise, noised again to a random t
-        and denoised there by the teacher with CFG 1 + w (real score) and by the fake score, gives the loss of
-        :func:`distribution_matching_loss`. With the GAN term, the sample noised once more (drawn after the rest,
-        so runs without it draw as before) goes through the fake score and its classifier, both with detached
-        weights, for DMD2's generator loss. Returns (L_DMD, L_GAN^G or 0, the detached generated clips)."""
+        and denoised there by the teacher with CFG 1 + w, or ``dmd_guidance`` when set (real score), and by the
+        fake score, gives the loss of :func:`distribution_matching_loss`. With the GAN term, the sample noised once
+        more (drawn after the rest, so runs without it draw as before) goes through the fake score and its
+        classifier, both with detached weights, for DMD2's generator loss. Returns (L_DMD, L_GAN^G or 0, the
+        detached generated clips)."""
         b = shape[0]
         x_T = randn(shape, gen, self.device)  # what sampling starts from: pure noise at the first timestep
         t1 = torch.full((b,), self.config.generator_timestep, dtype=torch.long, device=self.device)
         x0 = consistency_output(x_T, self._x0_fn(self.student)(x_T, t1, cond, w), t1)
         x_t, t, a, _ = self._noised(x0.detach(), gen)
+        w_real = w if self.config.dmd_guidance is None else torch.full_like(w, self.config.dmd_guidance - 1)
         with torch.no_grad():
-            x0_real = x0_from_eps(x_t.float(), guided_eps(self._teacher_eps, x_t, t, cond, self.uncond, w), a)
+            x0_real = x0_from_eps(x_t.float(), guided_eps(self._teacher_eps, x_t, t, cond, self.uncond, w_real), a)
             assert self.fake_module is not None
             x0_fake = x0_from_eps(x_t.float(), self._eps(self.fake_module, x_t, t, cond), a)
         gan = torch.zeros((), device=self.device)

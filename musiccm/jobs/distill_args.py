@@ -70,7 +70,8 @@ HELP: dict[str, str] = {
     "schedule); costs one more student UNet call per step. Not given: the consistency interval's t_{n+k}, the "
     "estimate the distillation loss uses",
     "dmd_weight": "weight of the distribution-matching loss (DMD/DMD2) on the student's 1-step jump: a fake-score "
-    "UNet (a copy of the teacher's, trained on the student's outputs) and the teacher with CFG w + 1 judge "
+    "UNet (a copy of the teacher's, trained on the student's outputs) and the teacher with CFG w + 1 (or "
+    "--dmd-guidance) judge "
     "the jump's outputs noised to t in [dmd_min_t, dmd_max_t]. 0 = off; for fine-tuning a distilled student "
     "(--student-init) towards better 1-step samples. Costs a trainable UNet copy and fake_updates + 3 UNet calls "
     "per step",
@@ -78,6 +79,8 @@ HELP: dict[str, str] = {
     "timestep, 699 with --max-train-timestep 699, else 999)",
     "dmd_min_t": "lowest timestep the generated clips are noised to for distribution matching",
     "dmd_max_t": "highest timestep the generated clips are noised to for distribution matching",
+    "dmd_guidance": "guidance scale (diffusers' convention, 1 + w) of the teacher as the real score of distribution "
+    "matching (default: each clip's w + 1, the guidance the student is distilled for; DMD2 tunes it on its own)",
     "fake_lr": "AdamW learning rate of the fake-score UNet (with --dmd-weight)",
     "fake_updates": "fake-score updates per student step (with --dmd-weight; DMD2's two time-scale rule)",
     "gan_weight": "weight of DMD2's GAN generator loss (with --dmd-weight): a classifier on the fake score's "
