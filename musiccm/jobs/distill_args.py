@@ -71,10 +71,9 @@ HELP: dict[str, str] = {
     "estimate the distillation loss uses",
     "dmd_weight": "weight of the distribution-matching loss (DMD/DMD2) on the student's 1-step jump: a fake-score "
     "UNet (a copy of the teacher's, trained on the student's outputs) and the teacher with CFG w + 1 (or "
-    "--dmd-guidance) judge "
-    "the jump's outputs noised to t in [dmd_min_t, dmd_max_t]. 0 = off; for fine-tuning a distilled student "
-    "(--student-init) towards better 1-step samples. Costs a trainable UNet copy and fake_updates + 3 UNet calls "
-    "per step",
+    "--dmd-guidance) judge the jump's outputs noised to t in [dmd_min_t, dmd_max_t]. 0 = off; for fine-tuning a "
+    "distilled student (--student-init) towards better 1-step samples. Costs a trainable UNet copy and "
+    "fake_updates + 3 UNet calls per step",
     "dmd_timestep": "timestep of the generator's jump from pure noise (default: the student's 1-step sampling "
     "timestep, 699 with --max-train-timestep 699, else 999)",
     "dmd_min_t": "lowest timestep the generated clips are noised to for distribution matching",
