@@ -13,6 +13,11 @@ with different noise (draw 0: the seeds the batch job derives from the prompt id
 ``{id}/draw-{d}``), and the table then shows each metric's mean over the draws, FD_cls as mean ± standard
 deviation, with a second table of every draw's FD_cls.
 
+The issue's targets (4 steps: FD_cls within 10 % and attribute accuracy within 3 points of the 50-step teacher's;
+1 step: FD_cls below the teacher's 4-step DDIM) are judged for each pair of rows that ran, on the clips pooled over
+the draws, with 95 % intervals from a bootstrap over the prompts (``--bootstrap``; see ``targets.py``): a second
+noise draw does not show how much FD_cls moves when the prompts and their reference clips are drawn again.
+
     python benchmarks/quality.py --write            # the demo's outputs/demo/{teacher,student,...}
     python benchmarks/quality.py --limit 8 --configs teacher-ddim4 student-1   # a quick subset
     python benchmarks/quality.py --configs teacher-ddim4 student-1 --draws 5     # FD's spread over noise draws
@@ -37,6 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from report import header, publish
+from targets import judge
+from targets import table as targets_table
 
 from musiccm.batch.manifest import derive_seed
 
@@ -99,6 +106,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="noise draws per row: each row is generated and evaluated this many times with different "
                         "seeds (draw 0 = the seeds derived from the prompt ids) and reported as the mean, FD_cls "
                         "with its standard deviation (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the prompts for the targets' 95 %% intervals (0 = estimates only; "
+                        "default %(default)s)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a row's generations and evaluation from an earlier run into the same --out when its "
                         "model files, settings and prompts are unchanged (latency is always measured again)")
@@ -110,6 +120,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--teacher-guidance must be a finite number >= 1 (1 = no guidance), got {args.teacher_guidance}")
     if args.draws < 1:
         p.error(f"--draws must be an integer >= 1, got {args.draws}")
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap must be an integer >= 0, got {args.bootstrap}")
     return args
 
 
@@ -273,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts, ref = inputs(args, out)
     models = {"teacher": args.teacher, "student": args.student, "student_noadv": args.student_noadv}
     rows: dict[str, dict] = {}
+    draw_dirs: dict[str, list[Path]] = {}
     for label, which, steps, rule, name in CONFIGS:
         if label not in args.configs:
             continue
@@ -281,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
         guidance = args.teacher_guidance if which == "teacher" else None
-        draws = [one_row(args, label if d == 0 else f"{label}-draw{d}", models[which], steps, guidance, max_t,
-                         prompts, ref, out, d) for d in range(args.draws)]
+        draw_labels = [label if d == 0 else f"{label}-draw{d}" for d in range(args.draws)]
+        draws = [one_row(args, dl, models[which], steps, guidance, max_t, prompts, ref, out, d)
+                 for d, dl in enumerate(draw_labels)]
+        draw_dirs[label] = [out / "eval" / dl for dl in draw_labels]
         metrics = mean_over_draws(draws)
         metrics["latency_s"] = latency(models[which], steps, guidance, max_t, args.latency_runs)
         renamed = {"student": args.student_name, "student_noadv": args.student_noadv_name}.get(which)
@@ -290,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             name = renamed
         rows[label] = {**metrics, "steps": steps, "name": name, "max_timestep": max_t}
         (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
+    targets = judge(draw_dirs, prompts, list(LABEL_HEADS), args.bootstrap)
+    (out / "targets.json").write_text(json.dumps(targets, indent=2))
     reference = next(iter(rows.values()), {}).get("reference_attribute_accuracy")
     first = args.max_timestep if args.max_timestep is not None else "each model's own setting"
     text = (header(args.title, "quality.py", argv)
@@ -299,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; every metric the mean over {args.draws} noise draws per prompt, FD_cls ± its standard deviation "
                f"over the draws" if args.draws > 1 else "") + "\n\n"
             f"{table(rows)}\n" + (f"FD_cls ↓ of each draw:\n\n{draws_table(rows)}\n" if args.draws > 1 else "")
+            + (f"Targets, on each row's clips pooled over its draws, 95 % intervals from {args.bootstrap} bootstrap "
+               f"resamples of the prompts (each with its reference clip and its clips of every draw):\n\n"
+               f"{targets_table(targets)}\n" if targets else "")
             + "Classifier accuracy on the real reference clips: "
             f"{json.dumps(reference)}\n")
     publish(text, args.write)

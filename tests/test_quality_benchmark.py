@@ -45,6 +45,12 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, tiny_teacher_dir, tiny_stud
     assert generated.column("steps").to_pylist() == [4, 4, 4]
     assert generated.column("guidance_scale").to_pylist() == [4.5, 4.5, 4.5]
     assert "teacher rows' guidance scale 4.5" in r.stdout
+    # the 1-step target is judged from the two rows' stored evaluations, with its bootstrap interval
+    [target] = json.loads((out / "targets.json").read_text())
+    assert (target["row"], target["baseline"], target["prompts"], target["resamples"]) == \
+        ("student-1", "teacher-ddim4", 3, 1000)
+    assert target["verdict"] in ("met", "missed", "not resolved", "not computable")
+    assert "| 1 step: FD_cls below the teacher's 4-step DDIM | student-1 (1) vs teacher-ddim4 (1) |" in r.stdout
 
     # a rerun with --reuse keeps rows made from the same model, settings and prompts
     again = subprocess.run([*cmd[:cmd.index("--configs")], "--configs", "student-1", "--limit", "3", "--latency-runs",
@@ -85,6 +91,12 @@ def test_quality_benchmark_rejects_zero_draws():
     r = subprocess.run([sys.executable, "benchmarks/quality.py", "--draws", "0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--draws must be an integer >= 1" in r.stderr
+
+
+def test_quality_benchmark_rejects_a_negative_bootstrap():
+    r = subprocess.run([sys.executable, "benchmarks/quality.py", "--bootstrap", "-1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--bootstrap must be an integer >= 0" in r.stderr
 
 
 def test_draw_manifest_seeds(tmp_path, monkeypatch):
