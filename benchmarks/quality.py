@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from report import header, publish
-from targets import judge
+from targets import draw_label, judge
 from targets import table as targets_table
 
 from musiccm.batch.manifest import derive_seed
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         max_t = {"max": args.max_timestep, "lcm": 999, None: None}[rule]
         guidance = args.teacher_guidance if which == "teacher" else None
-        draw_labels = [label if d == 0 else f"{label}-draw{d}" for d in range(args.draws)]
+        draw_labels = [draw_label(label, d) for d in range(args.draws)]
         draws = [one_row(args, dl, models[which], steps, guidance, max_t, prompts, ref, out, d)
                  for d, dl in enumerate(draw_labels)]
         draw_dirs[label] = [out / "eval" / dl for dl in draw_labels]

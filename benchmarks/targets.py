@@ -64,35 +64,46 @@ class RowClips:
     correct: np.ndarray
 
 
-def load_row(eval_dirs: list[Path], ids: list[str], labels: dict[str, dict], heads: list[str]) -> RowClips:
-    """A row's generated clips of every draw (``eval_dirs``: one evaluate.py --out per draw) for ``ids``."""
-    emb, correct = [], []
-    for d in eval_dirs:
-        rows = {r["id"]: r for r in pq.read_table(d / "features.parquet", columns=["set", "id", "cls_embedding",
-                                                                                  "cls_pred"]).to_pylist()
-                if r["set"] == "generated"}
-        emb.append([rows[i]["cls_embedding"] for i in ids])
-        preds = [json.loads(rows[i]["cls_pred"]) for i in ids]
-        correct.append([[p[h] == str(labels[i][h]) for h in heads] for i, p in zip(ids, preds, strict=True)])
-    return RowClips(np.asarray(emb, np.float64), np.asarray(correct, bool))
+def draw_label(label: str, draw: int) -> str:
+    """The name of a row's draw (its gen/ and eval/ directories): draw 0 is the row itself."""
+    return label if draw == 0 else f"{label}-draw{draw}"
 
 
-def usable_ids(eval_dirs: list[Path], reference: Path) -> list[str]:
-    """Prompt ids with a readable clip (an embedding and predictions) in every draw and the reference set."""
-    def readable(d: Path, which: str) -> set[str]:
-        t = pq.read_table(d / "features.parquet", columns=["set", "id", "cls_embedding", "cls_pred"]).to_pylist()
-        return {r["id"] for r in t if r["set"] == which and r["cls_embedding"] is not None and r["cls_pred"]}
-    ids = readable(reference, "reference")
-    for d in eval_dirs:
-        ids &= readable(d, "generated")
-    return sorted(ids)
+def read_features(eval_dir: Path) -> dict[str, dict[str, dict]]:
+    """One evaluate.py --out's readable clips (an embedding and predictions): {"generated"/"reference": {id: row}}."""
+    out: dict[str, dict[str, dict]] = {"generated": {}, "reference": {}}
+    columns = ["set", "id", "cls_embedding", "cls_pred"]
+    for r in pq.read_table(eval_dir / "features.parquet", columns=columns).to_pylist():
+        if r["set"] in out and r["cls_embedding"] is not None and r["cls_pred"]:
+            out[r["set"]][r["id"]] = r
+    return out
 
 
-def reference_embeddings(eval_dir: Path, ids: list[str]) -> np.ndarray:
-    rows = {r["id"]: r["cls_embedding"] for r in pq.read_table(eval_dir / "features.parquet",
-                                                               columns=["set", "id", "cls_embedding"]).to_pylist()
-            if r["set"] == "reference"}
-    return np.asarray([rows[i] for i in ids], np.float64)
+def load_rows(draw_dirs: dict[str, list[Path]], labels: dict[str, dict],
+              heads: list[str]) -> tuple[dict[str, RowClips], np.ndarray]:
+    """Each row's clips of every draw (``draw_dirs``: label → one evaluate.py --out per draw) and the reference
+    clips' embeddings (from the first row's first draw), aligned on the prompts readable in all of them."""
+    features = {label: [read_features(d) for d in dirs] for label, dirs in draw_dirs.items()}
+    reference = next(iter(features.values()))[0]["reference"]
+    ids = sorted(set(reference).intersection(*(f["generated"] for fs in features.values() for f in fs)))
+
+    def clips(f: dict[str, dict[str, dict]]) -> tuple[list, list]:
+        gen = [f["generated"][i] for i in ids]
+        preds = [json.loads(r["cls_pred"]) for r in gen]
+        return ([r["cls_embedding"] for r in gen],
+                [[p[h] == str(labels[i][h]) for h in heads] for i, p in zip(ids, preds, strict=True)])
+
+    rows = {}
+    for label, fs in features.items():
+        emb, correct = zip(*(clips(f) for f in fs), strict=True)
+        rows[label] = RowClips(np.asarray(emb, np.float64), np.asarray(correct, bool))
+    return rows, np.asarray([reference[i]["cls_embedding"] for i in ids], np.float64)
+
+
+def prompt_labels(prompts: Path, heads: list[str]) -> tuple[dict[str, dict], list[str]]:
+    """The prompts' rows by id, and those of ``heads`` that the prompts carry as label columns."""
+    table = pq.read_table(prompts)
+    return {r["id"]: r for r in table.to_pylist()}, [h for h in heads if h in table.column_names]
 
 
 def pooled_fd(row: RowClips, ref: np.ndarray, idx: np.ndarray) -> float:
@@ -154,13 +165,9 @@ def judge(draw_dirs: dict[str, list[Path]], prompts: Path, heads: list[str], res
     targets = [t for t in TARGETS if t.row in draw_dirs and t.baseline in draw_dirs]
     if not targets:
         return []
-    prompt_table = pq.read_table(prompts)
-    labels = {r["id"]: r for r in prompt_table.to_pylist()}
-    heads = [h for h in heads if h in prompt_table.column_names]
+    labels, heads = prompt_labels(prompts, heads)
     used = sorted({label for t in targets for label in (t.row, t.baseline)})
-    ids = usable_ids([d for label in used for d in draw_dirs[label]], draw_dirs[used[0]][0])
-    rows = {label: load_row(draw_dirs[label], ids, labels, heads) for label in used}
-    ref = reference_embeddings(draw_dirs[used[0]][0], ids)
+    rows, ref = load_rows({label: draw_dirs[label] for label in used}, labels, heads)
     return evaluate(targets, rows, ref, resamples, seed)
 
 
@@ -185,12 +192,9 @@ def halves(draw_dirs: dict[str, list[Path]], prompts: Path, target: Target, spli
     """The standard deviation of ``target``'s statistic on all prompts implied by its spread between random halves
     of them: var(half A - half B) = 2 var(at n / 2) ~ 4 var(at n), so the deviation is that of the difference / 2.
     An estimate apart from the bootstrap's (no prompt is repeated), to check its intervals' width."""
-    labels = {r["id"]: r for r in pq.read_table(prompts).to_pylist()}
-    used = [target.row, target.baseline]
-    ids = usable_ids([d for label in used for d in draw_dirs[label]], draw_dirs[used[0]][0])
-    rows = {label: load_row(draw_dirs[label], ids, labels, []) for label in used}
-    ref = reference_embeddings(draw_dirs[used[0]][0], ids)
-    rng, n = np.random.default_rng(seed), len(ids)
+    labels, _ = prompt_labels(prompts, [])
+    rows, ref = load_rows({label: draw_dirs[label] for label in (target.row, target.baseline)}, labels, [])
+    rng, n = np.random.default_rng(seed), len(ref)
     diffs = []
     for _ in range(splits):
         order = rng.permutation(n)
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         label, _, n = spec.partition(":")
         if n and not (n.isdigit() and int(n) >= 1):
             p.error(f"--rows {spec!r}: the draw count after ':' must be an integer >= 1")
-        dirs = [out / "eval" / (label if d == 0 else f"{label}-draw{d}") for d in range(int(n or 1))]
+        dirs = [out / "eval" / draw_label(label, d) for d in range(int(n or 1))]
         missing = [str(d) for d in dirs if not (d / "features.parquet").exists()]
         if missing:
             p.error(f"--rows {spec!r}: no evaluation in {', '.join(missing)} (run benchmarks/quality.py first)")

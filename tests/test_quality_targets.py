@@ -74,8 +74,8 @@ def test_a_student_far_closer_to_the_reference_meets_the_1_step_target(tmp_path,
 def _row(targets, dirs, label):
     ids = [f"p{i:03d}" for i in range(N)]
     labels = {i: {"instrument": "piano", "tempo": "slow"} for i in ids}
-    return (targets.load_row(dirs[label], ids, labels, HEADS), targets.reference_embeddings(dirs[label][0], ids),
-            np.arange(N))
+    rows, ref = targets.load_rows({label: dirs[label]}, labels, HEADS)
+    return rows[label], ref, np.arange(N)
 
 
 def test_the_reverse_misses_and_two_alike_rows_are_not_resolved(tmp_path, targets):
