@@ -1,4 +1,4 @@
-"""benchmarks/two_step_score.py: the student's 2-step samples, the teacher fitted to them, saved as a teacher."""
+"""recipes/demo/two_step_score.py: the student's 2-step samples, the teacher fitted to them, saved as a teacher."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from musiccm.testing.scripts import load_script, unet_state
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("benchmarks/two_step_score.py")
+    return load_script("recipes/demo/two_step_score.py")
 
 
 def test_fits_the_teacher_to_the_students_two_step_samples(script, tiny_student_dir, tiny_teacher_dir, tmp_path):

@@ -7,7 +7,11 @@
 # fine-tuned with distribution matching (--dmd-weight 1, DMD2's loss on its 1-step jump, with L_distil at λ = 0.3 as
 # the regulariser that keeps its later steps consistent; lr 3e-5 without warm-up, DMD_STEPS=225 steps of
 # DMD_BATCH=32 clips: batch 32 measured closer to the data than 16, benchmarks/RESULTS.md) into $WORK/student-dmd;
-# it needs $WORK/student-noadv.
+# it needs $WORK/student-noadv. RUNS="... score" adds a fourth run after that: recipes/demo/two_step_score.py fits a
+# copy of the teacher to the DMD student's own 2-step samples (sampled from MAX_T, default 699; 12,000 samples, 1,500
+# steps) into $WORK/two-step-score, and the DMD student is fine-tuned for SCORE_STEPS=200 more steps of 32 with that
+# model as the real score and the solver's teacher (--w 0: the samples already carry the distilled guidance) into
+# $WORK/student-2step (benchmarks/RESULTS.md, "Distribution matching towards the student's own 2-step samples").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-outputs/demo}
@@ -39,4 +43,15 @@ if [[ $RUNS == *" dmd "* ]]; then
   .venv/bin/python ray_jobs/distill.py --name demo-student-dmd --output "$WORK/student-dmd" "${common[@]}" \
     --adv-weight 0 --student-init "$WORK/student-noadv" --dmd-weight 1 --distill-weight 0.3 --lr 3e-5 \
     --warmup-steps 0 --max-steps "${DMD_STEPS:-225}" --batch-size "${DMD_BATCH:-32}" --checkpoint-every 25 "$@"
+fi
+if [[ $RUNS == *" score "* ]]; then
+  if [[ ! -f $WORK/two-step-score/model_index.json ]]; then
+    .venv/bin/python recipes/demo/two_step_score.py --student "$WORK/student-dmd" --teacher "$WORK/teacher" \
+      --out "$WORK/two-step-score" --max-timestep "${MAX_T:-699}"
+  fi
+  # "${common[@]}" names $WORK/teacher; the later --teacher and --w take precedence (argparse keeps the last).
+  .venv/bin/python ray_jobs/distill.py --name demo-student-2step --output "$WORK/student-2step" "${common[@]}" \
+    "$@" --teacher "$WORK/two-step-score" --w 0 --adv-weight 0 --student-init "$WORK/student-dmd" --dmd-weight 1 \
+    --distill-weight 0.3 --lr 3e-5 --warmup-steps 0 --max-steps "${SCORE_STEPS:-200}" --batch-size 32 \
+    --checkpoint-every 25
 fi

@@ -1,4 +1,4 @@
-"""A score model of the student's own 2-step samples, as the real score of a DMD fine-tune (a probe, not shipped).
+"""A score model of the student's own 2-step samples, as the real score of a DMD fine-tune (a recipe stage).
 
 The demo student's 2 steps measure far closer to the data than its 1 step (FD_cls 10.50 against 15.07 on the
 benchmark) and than anything its teacher samples, while DMD pulls its 1 step towards the teacher's score, whose own
@@ -7,9 +7,12 @@ student's 2-step samples, with the teacher's own diffusion objective (`musiccm.d
 with the teacher's parts as a MusicLDM-layout model directory, so that ``ray_jobs/distill.py --teacher <it> --w 0``
 distils, and distribution-matches, the student's 1 step towards its 2 steps:
 
-    python benchmarks/two_step_score.py --student outputs/exp/dmd-r8-b32/step-225 --max-timestep 699 \\
-        --teacher outputs/demo-hour/teacher --out outputs/exp/two-step-score
-    python benchmarks/teacher_probe.py outputs/exp/two-step-score ... --steps 50 --guidance 1   # its own samples
+    python recipes/demo/two_step_score.py --student outputs/demo-hour/student-dmd --max-timestep 699 \\
+        --teacher outputs/demo-hour/teacher --out outputs/demo-hour/two-step-score
+    python benchmarks/teacher_probe.py outputs/demo-hour/two-step-score ... --steps 50 --guidance 1   # its samples
+
+`recipes/demo/distill.sh`'s ``score`` run (part of ``hour.sh``) runs it on the DMD student and then fine-tunes that
+student for 200 more DMD steps with the fitted model as ``--teacher`` and ``--w 0``.
 
 The samples are the student's real 2-step sampling (fresh noise at the second step, from ``--max-timestep``), on
 the demo's training captions (``musiccm.synthetic.clip(i, 0)``), ``--draws`` per caption; no audio or real clip is
