@@ -65,15 +65,14 @@ def two_step_latents(c, captions: list[str], draws: int, seed: int, max_timestep
 
     denoise = external.make_denoiser(c, None, 1.0)
     ts = consistency_timesteps(c, 2, max_timestep if max_timestep is not None else c.extra.get("max_timestep"))
-    latents, conds = [], []
+    conds = {i: external.encode_text(c, captions[i : i + batch])[0] for i in range(0, len(captions), batch)}
+    latents = []
     for d in range(draws):
-        for i in range(0, len(captions), batch):
-            cond = external.encode_text(c, captions[i : i + batch])[0]
+        for i, cond in conds.items():
             gens = [torch.Generator().manual_seed(seed * 10**7 + d * 10**6 + i + j) for j in range(len(cond))]
             x_T = randn(c.geometry.latent_shape(len(cond), c.geometry.native_duration), gens)
             latents.append(sample_consistency(denoise, x_T, cond, ts, c.scheduler.alphas_cumprod, gens))
-            conds.append(cond)
-    return torch.cat(latents), torch.cat(conds)
+    return torch.cat(latents), torch.cat(list(conds.values()) * draws)
 
 
 def main(argv: list[str] | None = None) -> int:
