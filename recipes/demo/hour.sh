@@ -6,11 +6,12 @@
 #   dmd       a 225-step fine-tune of that student with distribution matching (--dmd-weight, batch 32) into
 #             student-dmd (musiccm-demo-v6);
 #   score     recipes/demo/two_step_score.py fits a copy of the teacher to student-dmd's own 2-step samples, then
-#             200 more DMD steps of student-dmd with that fit as the real score (--w 0) into student-2step.
+#             200 more DMD steps of student-dmd with that fit as the real score (--w 0) into student-2step
+#             (musiccm-demo-v7).
 # The guidance is w = 6 (diffusers scale 7): at scale 7 this short-trained teacher's 4-step DDIM is both closer to the
 # data and more on-prompt (benchmarks/RESULTS.md, "Guidance probe"). Stage times on 2 CPU cores vary by day (the
 # machine ran about 3 times faster on some days): train.py + ablation 30 to 119 min, dmd about 21 min, score about
-# 27 min; recipes/demo/README.md has the measured table. Rerunning skips finished stages and resumes the
+# 27 to 45 min; recipes/demo/README.md has the measured table. Rerunning skips finished stages and resumes the
 # distillations from their last checkpoints. Extra arguments go to train.py (e.g. --threads 2); STEPS=... sets the
 # first distillation's steps (STEPS=300 saves 3 to 14 min for a model about as good as musiccm-demo-v3), W=... its
 # guidance weight, MAX_T=... the highest solver timestep and the students' first sampling timestep, DMD_STEPS=...

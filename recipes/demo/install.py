@@ -1,6 +1,6 @@
 """Install a distilled demo student as the package's embedded default model (musiccm/assets/default).
 
-    python recipes/demo/install.py --student outputs/demo-hour/student-dmd --card recipes/demo/MODEL_CARD.md \
+    python recipes/demo/install.py --student outputs/demo-hour/student-2step --card recipes/demo/MODEL_CARD.md \
         --max-timestep 699
 
 Copies the MusicLDM-layout directory, stores the UNet's weights in float16 (loaded back as float32 by
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="exported student directory (ray_jobs/distill.py --output)")
     p.add_argument("--card", required=True, help="model card (Markdown) to ship as README.md beside the weights")
-    p.add_argument("--name", default="musiccm-demo-v6", help="model name in model_index.json (default %(default)s)")
+    p.add_argument("--name", default="musiccm-demo-v7", help="model name in model_index.json (default %(default)s)")
     p.add_argument("--target", default=str(TARGET), help="where to install (default: the package's default model)")
     p.add_argument("--max-timestep", type=int, default=None,
                    help="the model's default highest sampling timestep (model_index.json; see "
