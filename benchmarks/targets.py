@@ -159,10 +159,18 @@ def evaluate(targets: list[Target], rows: dict[str, RowClips], ref: np.ndarray, 
     return out
 
 
+def comparisons(pairs: list[tuple[str, str]]) -> list[Target]:
+    """Row ``a`` against row ``b`` for each pair, judged like a target: FD_cls ratio a / b below 1 ("met": a is
+    closer to the data over its whole interval, "missed": b is) and mean accuracy a − b at or above 0."""
+    return [t for a, b in pairs for t in (Target(f"{a} vs {b}: FD_cls", a, b, "fd_ratio", 1.0, True),
+                                         Target(f"{a} vs {b}: mean accuracy", a, b, "acc_diff", 0.0, False))]
+
+
 def judge(draw_dirs: dict[str, list[Path]], prompts: Path, heads: list[str], resamples: int,
-          seed: int = 0) -> list[dict]:
-    """The targets whose two rows were both run (``draw_dirs``: label → one evaluate.py --out per draw)."""
-    targets = [t for t in TARGETS if t.row in draw_dirs and t.baseline in draw_dirs]
+          seed: int = 0, extra: list[Target] | None = None) -> list[dict]:
+    """The targets whose two rows were both run (``draw_dirs``: label → one evaluate.py --out per draw), then
+    ``extra`` (e.g. ``comparisons``), on the same bootstrap resamples."""
+    targets = [t for t in TARGETS if t.row in draw_dirs and t.baseline in draw_dirs] + list(extra or [])
     if not targets:
         return []
     labels, heads = prompt_labels(prompts, heads)
@@ -211,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--halves", type=int, default=0,
                    help="also split the prompts into random halves this many times and print the FD ratio's standard "
                         "deviation that implies, next to the bootstrap's (default 0: no check)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="A/B",
+                   help="also compare two of the --rows, e.g. noadv-4/student-4: FD_cls ratio A / B (met: A closer "
+                        "to the data over the whole interval; missed: B is) and mean accuracy A - B")
     args = p.parse_args(argv)
     out = Path(args.out)
     draw_dirs: dict[str, list[Path]] = {}
@@ -225,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         draw_dirs[label] = dirs
     if args.bootstrap < 0 or args.halves < 0:
         p.error("--bootstrap and --halves must be integers >= 0")
-    results = judge(draw_dirs, out / "prompts.parquet", ["instrument", "tempo", "mode", "drums"], args.bootstrap)
+    pairs = [tuple(spec.split("/")) for spec in args.compare]
+    for spec, pair in zip(args.compare, pairs, strict=True):
+        if len(pair) != 2 or not all(label in draw_dirs for label in pair):
+            p.error(f"--compare {spec!r}: expected A/B, two labels of --rows ({', '.join(draw_dirs)})")
+    results = judge(draw_dirs, out / "prompts.parquet", ["instrument", "tempo", "mode", "drums"], args.bootstrap,
+                    extra=comparisons(pairs))
     if not results:
         p.error(f"no target has both its rows among {sorted(draw_dirs)}; targets: "
                 + "; ".join(dict.fromkeys(f"{t.row} vs {t.baseline}" for t in TARGETS)))

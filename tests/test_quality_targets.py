@@ -141,3 +141,23 @@ def test_the_command_line_judges_a_stored_benchmark(tmp_path):
     assert r.returncode == 2 and "student-1-draw2 (run benchmarks/quality.py first)" in r.stderr
     r = subprocess.run([*cmd, "--rows", "student-1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no target has both its rows among ['student-1']" in r.stderr
+
+
+def test_the_command_line_compares_two_rows(tmp_path):
+    out = tmp_path / "quality"
+    write_eval(out / "eval" / "student-4", 10, 0.0, 0.9)
+    write_eval(out / "eval" / "noadv-4", 20, 1.0, 0.5)
+    write_prompts(out / "prompts.parquet")
+    cmd = [sys.executable, "benchmarks/targets.py", "--out", str(out), "--bootstrap", "50", "--rows", "student-4",
+           "noadv-4", "--compare"]
+    r = subprocess.run([*cmd, "noadv-4/student-4", "student-4/noadv-4"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in r.stdout.splitlines()}
+    # noadv-4 is shifted away from the reference and less accurate: worse on both, whichever way round.
+    assert lines["noadv-4 vs student-4: FD_cls"].endswith("| missed |")
+    assert lines["noadv-4 vs student-4: mean accuracy"].endswith("| missed |")
+    assert lines["student-4 vs noadv-4: FD_cls"].endswith("| met |")
+    assert lines["student-4 vs noadv-4: mean accuracy"].endswith("| met |")
+    r = subprocess.run([*cmd, "noadv-4/student-6"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--compare 'noadv-4/student-6': expected A/B, two labels of --rows" in r.stderr
