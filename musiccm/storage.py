@@ -6,28 +6,35 @@ S3 settings come only from the standard AWS environment: `AWS_ENDPOINT_URL` (or
 
 - Writes are atomic: a reader sees the old object or the whole new one, never a part; a retried
   write overwrites the same final key. Temporaries end in `.tmp-<32 hex>` and are never listed.
-- Transient S3 errors (throttling, 5xx, timeouts, dropped connections) are retried inside every
-  operation by `retry` (exponential back-off with jitter); boto3's own retries are off.
+- Transient S3 errors (throttling, 5xx, timeouts, refused or dropped connections) are retried inside
+  every operation for up to the retry budget (10 minutes by default; :mod:`musiccm.retry`); boto3's
+  own retries are off.
 - Permanent errors (no bucket, access denied, bad credentials, missing file) raise `StorageError`
-  at once, naming the URI and the cause in one line, never a credential.
+  at once, naming the URI and the cause in one line, never a credential. A URI that carries
+  credentials (`s3://KEY:SECRET@bucket`) is refused, and shown masked.
+- Conditional writes (`create_exclusive`, `replace_if_unchanged`) for one-owner records: S3's
+  `If-None-Match` / `If-Match`, and a link/lock on local disks.
 - Parquet: `fs, path = pyarrow_fs(uri)` then `pq.write_table(t, path, filesystem=fs)` or
-  `ray.data.read_parquet(path, filesystem=fs)`. Ray Data also reads a plain `s3://` URI with the
-  environment alone, but the explicit filesystem carries our endpoint, region and retry settings.
+  `ray.data.read_parquet(path, filesystem=fs)`: for S3 a filesystem whose every call follows the same
+  retry budget (:mod:`musiccm.arrow_fs`), so Ray Data reads and Ray Train checkpoints ride out outages too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import fcntl
 import functools
 import hashlib
 import os
-import random
 import re
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -38,15 +45,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from musiccm import arrow_fs, retry
+from musiccm.retry import redact
+
 P = ParamSpec("P")
+
 R = TypeVar("R")
 
 _TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}$")
-_TRANSIENT_CODES = frozenset(
-    "Throttling ThrottlingException ThrottledException SlowDown RequestTimeout RequestTimeoutException"
-    " RequestLimitExceeded TooManyRequests TooManyRequestsException InternalError ServiceUnavailable"
-    " PriorRequestNotComplete OperationAborted".split()
-)
 _COPY_LIMIT = 5 * 1024**3  # single-request CopyObject limit; larger objects use multipart copy
 _MiB = 1024**2
 _TRANSFER = TransferConfig(
@@ -58,50 +64,7 @@ _LOCK = threading.Lock()
 
 
 class StorageError(RuntimeError):
-    """A permanent storage failure: `<uri>: <cause>` in one line."""
-
-
-# ---------------------------------------------------------------- retry policy
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: throttling, 5xx, timeouts, dropped connections."""
-    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
-        return is_transient(exc.__context__)  # s3transfer wraps the ClientError and loses its code
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
-    if isinstance(exc, NoCredentialsError):
-        return False
-    # EndpointConnectionError, ConnectionClosedError, Read/ConnectTimeoutError, ResponseStreamingError...
-    return isinstance(exc, BotoCoreError | ConnectionError | TimeoutError)
-
-
-def retry(
-    attempts: int = 6,
-    base_s: float = 0.2,
-    cap_s: float = 5.0,
-    transient: Callable[[BaseException], bool] = is_transient,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorator: retry `transient` failures, `attempts` tries in all, jittered back-off base_s * 2^i."""
-    if attempts < 1:
-        raise ValueError(f"retry: attempts={attempts}; expected >= 1")
-
-    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            for attempt in range(attempts):
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    if attempt == attempts - 1 or not transient(exc):
-                        raise
-                    time.sleep(random.uniform(0.5, 1.0) * min(cap_s, base_s * 2**attempt))
-            raise AssertionError("unreachable")
-
-        return wrapper
-
-    return decorate
+    """A permanent storage failure, or one that outlasted the retry budget: `<uri>: <cause>` in one line."""
 
 
 # ---------------------------------------------------------------- S3 plumbing
@@ -112,9 +75,17 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def check_uri(uri: str) -> str:
+    """`uri` unchanged, or ValueError for one with credentials in it (shown masked: they belong in AWS_*)."""
+    if retry.has_userinfo(uri):
+        raise ValueError(f"{redact(uri)}: credentials in a URI are not accepted (they would be logged and "
+                         "recorded); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
+    return uri
+
+
 def _split(uri: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key)."""
-    bucket, _, key = uri[len("s3://") :].partition("/")
+    bucket, _, key = check_uri(uri)[len("s3://") :].partition("/")
     if not bucket:
         raise ValueError(f"{uri!r}: no bucket; expected s3://bucket/key")
     return bucket, key
@@ -189,15 +160,15 @@ def _error(uri: str, exc: BaseException) -> StorageError:
         cause = exc.strerror or type(exc).__name__
     else:
         cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if is_transient(exc):
-            cause = f"still failing after retries: {cause}"
-    return StorageError(f"{uri}: {cause}")
+    if retry.is_transient(exc):
+        cause = f"still failing after the {retry.budget_s():.0f} s retry budget: {cause}"
+    return StorageError(redact(f"{uri}: {cause}"))
 
 
 def _call(uri: str, fn: Callable[[], R]) -> R:
-    """Run `fn()` under the default `retry` policy, mapping what still fails to a StorageError on `uri`."""
+    """Run `fn()` under the retry budget, mapping what still fails to a StorageError on `uri`."""
     try:
-        return retry()(fn)()
+        return retry.call(fn, redact(uri))
     except (BotoCoreError, ClientError, OSError, Boto3Error) as exc:
         raise _error(uri, exc) from exc
 
@@ -454,6 +425,132 @@ def upload_dir(local_dir: str, uri: str) -> None:
         write_file(join(uri, _relative(local_dir, path)), path)
 
 
+# ---------------------------------------------------------------- conditional writes (one-owner records)
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes, an opaque version tag for :func:`replace_if_unchanged`, and its age."""
+
+    data: bytes
+    tag: str  # S3: the ETag; local: sha256 of the content
+    age_s: float  # seconds since it was last written, by the store's own clock
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412)
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str) -> Any:
+    """An exclusive flock on the directory holding `path` (local compare-and-swap; released if the process dies)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_versioned(uri: str) -> Versioned | None:
+    """The object at `uri` with its version tag and age, or None if there is none."""
+    if not is_s3(uri):
+        path = _local(uri)
+        try:
+            data, mtime = Path(path).read_bytes(), os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None
+        return Versioned(data, hashlib.sha256(data).hexdigest(), max(0.0, time.time() - mtime))
+    bucket, key = _split(uri)
+
+    def get() -> Versioned | None:
+        try:
+            response = _client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        now = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        server_now = email.utils.parsedate_to_datetime(now) if now else datetime.now(UTC)
+        age = (server_now - response["LastModified"]).total_seconds()
+        return Versioned(response["Body"].read(), response["ETag"], max(0.0, age))
+
+    return _call(uri, get)
+
+
+def create_exclusive(uri: str, data: bytes) -> str | None:
+    """Write `data` to `uri` only if nothing is there: its version tag, or None when another writer was first."""
+    if not is_s3(uri):
+        path = _local(uri)
+        with _dir_lock(path):
+            if os.path.exists(path):
+                return None
+            _op(_local_atomic)(path, lambda f: f.write(data))
+        return hashlib.sha256(data).hexdigest()
+    return _put_if(uri, data, IfNoneMatch="*")
+
+
+def replace_if_unchanged(uri: str, data: bytes, tag: str) -> str | None:
+    """Replace `uri` with `data` only if its version is still `tag`: the new tag, or None if it changed or went."""
+    if not is_s3(uri):
+        path = _local(uri)
+        with _dir_lock(path):
+            try:
+                current = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            except FileNotFoundError:
+                return None
+            if current != tag:
+                return None
+            _op(_local_atomic)(path, lambda f: f.write(data))
+        return hashlib.sha256(data).hexdigest()
+    return _put_if(uri, data, IfMatch=tag)
+
+
+def delete_if_unchanged(uri: str, tag: str) -> bool:
+    """Delete `uri` only if its version is still `tag`; False if it changed (or is gone)."""
+    if not is_s3(uri):
+        path = _local(uri)
+        with _dir_lock(path):
+            try:
+                if hashlib.sha256(Path(path).read_bytes()).hexdigest() != tag:
+                    return False
+            except FileNotFoundError:
+                return False
+            os.unlink(path)
+        return True
+    bucket, key = _split(uri)
+
+    def remove() -> bool:
+        try:
+            _client().delete_object(Bucket=bucket, Key=key, IfMatch=tag)
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
+
+    return _call(uri, remove)
+
+
+def _put_if(uri: str, data: bytes, **condition: str) -> str | None:
+    """One conditional PUT (atomic on its own): the new ETag, or None when the condition failed."""
+    bucket, key = _split(uri)
+
+    def put() -> str | None:
+        try:
+            return _client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                return None
+            raise
+
+    return _call(uri, put)
+
+
 def check_writable(uri: str) -> None:
     """Write and delete a small probe under the directory `uri`; StorageError if that fails."""
     probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
@@ -473,12 +570,13 @@ def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     if endpoint:
         scheme, sep, host = endpoint.rstrip("/").partition("://")
         kwargs = {"endpoint_override": host, "scheme": scheme} if sep else {"endpoint_override": scheme}
-    # Credentials are left to the AWS SDK's environment chain so they are never pickled into Ray tasks.
-    fs = pafs.S3FileSystem(
+    # Credentials are left to the AWS SDK's environment chain so they are never pickled into Ray tasks. The
+    # SDK's own retries stay short (a blip); the retry budget (musiccm.arrow_fs) covers outages.
+    fs = arrow_fs.retrying_s3(dict(
         region=region,
         connect_timeout=10,
         request_timeout=60,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
         **kwargs,
-    )
-    return fs, uri[len("s3://") :]
+    ))
+    return fs, check_uri(uri)[len("s3://") :]

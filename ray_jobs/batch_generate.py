@@ -9,7 +9,8 @@ Rerunning the same command resumes: only ids without a finished clip are generat
 Steps: 1-8 for a distilled student (default 4); 1-1000 for a MusicLDM DDIM teacher (default 50, with
 classifier-free guidance `guidance_scale`, default 2.0), e.g. a 50-step teacher baseline:
     python ray_jobs/batch_generate.py --manifest prompts.parquet --model ucsd-reach/musicldm --default-steps 50
-Exit codes: 0 ok; 1 clips failed or --strict rejected rows; 2 unusable manifest, output or model.
+Exit codes: 0 ok; 1 clips failed or --strict rejected rows; 2 unusable manifest, output or model, or the
+output is in use by another live job.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from musiccm.batch.config import BatchConfig
 from musiccm.defaults import DEFAULT_MODEL, TAPER_HELP
 from musiccm.jobs import batch
+from musiccm.retry import DEFAULT_BUDGET_S
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,6 +68,14 @@ def parser() -> argparse.ArgumentParser:
     a("--no-progress-timeout-s", type=float, default=None, help="fail when Ray Data makes no progress this long "
       "(default max(1800, 60 x max-duration); -1: never)")
     a("--progress-s", type=float, default=10.0, help="seconds between progress lines (default 10)")
+    a("--storage-retry-s", type=float, default=DEFAULT_BUDGET_S, help="how long each storage call rides out "
+      "an outage (unreachable endpoint, 5xx, throttling, resets) with jittered exponential back-off before its "
+      f"clip fails; 0 = no retries (default {DEFAULT_BUDGET_S:g})")
+    a("--lease-s", type=float, default=120.0, help="the output's owner lease (_OWNER.json) is stale this long "
+      "after its owner's last renewal, so a crashed job on another host cannot lock the output for ever "
+      "(default 120; a dead owner on this host is noticed at once)")
+    a("--takeover", action="store_true", help="take the output from a job that still holds its lease (that "
+      "job stops at its next renewal); without it a second job on the same --output exits 2")
     return p
 
 
@@ -83,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict, device=args.device, dtype=args.dtype, local_files_only=args.local_files_only,
             clap_score=not args.no_clap_score, verify_audio=args.verify_audio, cpus_per_actor=args.cpus_per_actor,
             torch_threads=args.torch_threads, no_progress_timeout_s=args.no_progress_timeout_s,
-            progress_s=args.progress_s,
+            progress_s=args.progress_s, storage_retry_s=args.storage_retry_s, lease_s=args.lease_s,
+            takeover=args.takeover,
         )
     except ValueError as exc:
         print(f"batch_generate: error: {exc}", file=sys.stderr)

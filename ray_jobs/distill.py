@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from musiccm import storage
+from musiccm import retry, storage
 from musiccm.jobs import distill_args
 from musiccm.jobs.distill_preflight import PreflightError, check_cluster, preflight
 
@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Flags → config → checks that need no Ray (teacher, manifest, storage).
     try:
         config = distill_args.to_config(args)
+        retry.set_budget(config.storage_retry_s)
+        distill_args.check_job_flags(args)
         fail_at = distill_args.fail_hook()
         config, manifest = preflight(config)
     except (PreflightError, ValueError, storage.StorageError) as exc:
-        return error(str(exc))
+        return error(storage.redact(str(exc)))
     # 2. Ray: connect (RAY_ADDRESS / `ray job submit`) or start a local instance; check its resources.
     import ray
 

@@ -14,7 +14,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from musiccm import storage
+from musiccm import retry, storage
 from musiccm.storage import StorageError
 from musiccm.testing.seaweed import SeaweedFS, _ephemeral_low, free_ports, worker_port_ranges
 
@@ -215,26 +215,51 @@ def test_wrong_credentials(s3: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> No
     assert time.monotonic() - start < 5
 
 
-def test_unreachable_endpoint_is_retried_then_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_endpoint_is_retried_for_the_budget_then_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # connection refused
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    clock = [0.0]
     sleeps: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
-    with pytest.raises(StorageError, match="still failing after retries"):
-        storage.read_bytes("s3://test/x")
-    assert len(sleeps) == 5  # 6 attempts
-    assert all(0 < b <= 5.0 for b in sleeps) and sleeps[-1] > sleeps[0]
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(retry.time, "sleep", sleep)
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    retry.set_budget(300)
+    try:
+        with pytest.raises(StorageError, match="still failing after the 300 s retry budget"):
+            storage.read_bytes("s3://test/x")
+    finally:
+        retry.set_budget(None)
+    assert sum(sleeps) == pytest.approx(300, abs=1e-6)  # the whole budget, never past it
+    assert max(sleeps) <= retry.CAP_S and sleeps[1] > sleeps[0]  # exponential, capped
+    err = capsys.readouterr().err
+    assert "[storage] waiting on s3://test/x" in err and "of the 300 s retry budget used" in err
+
+
+def test_retry_budget_from_the_environment_and_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert retry.budget_s() == retry.DEFAULT_BUDGET_S == 600
+    monkeypatch.setenv(retry.BUDGET_ENV, "42")
+    assert retry.budget_s() == 42
+    monkeypatch.setenv(retry.BUDGET_ENV, "-1")
+    with pytest.raises(ValueError, match="allowed: 0..86400 seconds"):
+        retry.budget_s()
+    with pytest.raises(ValueError, match="allowed"):
+        retry.set_budget(float("nan"))
 
 
 class FakeTransient(Exception):
     pass
 
 
-def test_retry_transient_then_success() -> None:
+def test_retry_transient_then_success(capsys: pytest.CaptureFixture) -> None:
     calls = []
 
-    @storage.retry(base_s=0.001, transient=lambda e: isinstance(e, FakeTransient))
+    @retry.retry(budget=5, base_s=0.001, transient=lambda e: isinstance(e, FakeTransient))
     def flaky() -> str:
         calls.append(1)
         if len(calls) < 3:
@@ -242,6 +267,7 @@ def test_retry_transient_then_success() -> None:
         return "ok"
 
     assert flaky() == "ok" and len(calls) == 3
+    assert "reachable again: flaky" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -258,14 +284,47 @@ def test_retry_default_policy_classifies_s3_errors(code: str, status: int, trans
     response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
     calls = []
 
-    @storage.retry(attempts=3, base_s=0.001)
+    @retry.retry(budget=0.05, base_s=0.001)
     def fail() -> None:
         calls.append(1)
         raise ClientError(response, "GetObject")  # type: ignore[arg-type]
 
     with pytest.raises(ClientError):
         fail()
-    assert len(calls) == (3 if transient else 1)
+    assert (len(calls) > 1) == transient
+
+
+def test_validation_errors_are_not_retried_and_credentials_in_uris_are_refused(
+        s3: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ParamValidationError
+
+    assert not retry.is_transient(ParamValidationError(report="bad bucket"))
+    secret_uri = "s3://AKIAEXAMPLE:wJalrXUtnFEMI-super-secret@test/x"
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry.time, "sleep", sleeps.append)
+    for call in (lambda: storage.read_bytes(secret_uri), lambda: storage.write_bytes(secret_uri, b"1"),
+                 lambda: storage.pyarrow_fs(secret_uri), lambda: storage.check_writable(secret_uri)):
+        with pytest.raises(ValueError, match="credentials in a URI are not accepted") as info:
+            call()
+        assert "super-secret" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value)
+        assert "s3://***@test/x" in str(info.value)
+    assert sleeps == []
+    assert retry.redact("see s3://a:b@bkt/k and https://u@host/p") == "see s3://***@bkt/k and https://***@host/p"
+
+
+def test_conditional_writes(s3: SeaweedFS, tmp_path: Path) -> None:
+    for uri in ("s3://test/cond/owner.json", str(tmp_path / "cond" / "owner.json")):
+        assert storage.read_versioned(uri) is None
+        tag = storage.create_exclusive(uri, b"one")
+        assert tag is not None and storage.create_exclusive(uri, b"two") is None
+        current = storage.read_versioned(uri)
+        assert current is not None and current.data == b"one" and current.tag == tag and 0 <= current.age_s < 60
+        assert storage.replace_if_unchanged(uri, b"x", "stale-tag") is None
+        new = storage.replace_if_unchanged(uri, b"three", tag)
+        assert new is not None and new != tag and storage.read_bytes(uri) == b"three"
+        assert storage.replace_if_unchanged(uri, b"four", tag) is None  # the old tag no longer matches
+        assert not storage.delete_if_unchanged(uri, tag) and storage.delete_if_unchanged(uri, new)
+        assert storage.read_versioned(uri) is None and storage.replace_if_unchanged(uri, b"5", new) is None
 
 
 def test_pyarrow_fs_parquet_round_trip(s3: SeaweedFS) -> None:

@@ -7,7 +7,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from musiccm import storage
 from musiccm.defaults import DEFAULT_MODEL
+from musiccm.retry import DEFAULT_BUDGET_S, MAX_BUDGET_S
 
 FORMATS = ("flac", "wav")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -19,6 +21,12 @@ STUDENT_DEFAULT_STEPS, TEACHER_DEFAULT_STEPS = 4, 50  # as musiccm.pipeline.Musi
 # Fields that change the audio written for a row: a rerun into the same output must keep them.
 FINGERPRINT_FIELDS = ("model", "default_steps", "default_format", "hop_frames", "taper", "max_timestep", "dtype")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+# Upper bounds that stop a typo from allocating the machine away before any work is checked.
+MAX_DURATION_S = 3600.0  # one clip
+MAX_BATCH = 4096  # clips or windows per call
+MAX_ACTORS = 100_000
+MAX_SECONDS = 7 * 24 * 3600.0  # any interval flag
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class BatchConfig:
     torch_threads: int | None = None  # intra-op threads per CPU actor (None: its Ray CPUs)
     no_progress_timeout_s: float | None = None  # Ray Data stall limit (None: max(1800, 60 · max_duration))
     progress_s: float = 10.0  # seconds between progress lines
+    storage_retry_s: float = DEFAULT_BUDGET_S  # how long a storage call rides out an outage before the clip fails
+    lease_s: float = 120.0  # the output's lease (_OWNER.json) is stale this long after its last renewal
+    takeover: bool = False  # take the output from a live owner (which then stops)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -60,16 +71,21 @@ class BatchConfig:
 
         need(bool(self.manifest), "manifest", "a Parquet file or prefix (local path or s3://)")
         need(bool(self.output), "output", "a directory or s3:// prefix")
-        need(_is_int(self.num_actors) and self.num_actors >= 1, "num_actors", "an integer ≥ 1")
-        need(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer ≥ 1")
-        need(_is_int(self.long_batch_size) and self.long_batch_size >= 1, "long_batch_size", "an integer ≥ 1")
-        need(_positive(self.long_threshold_s), "long_threshold_s", "a number of seconds > 0")
-        need(_is_int(self.crop_batch_size) and self.crop_batch_size >= 1, "crop_batch_size", "an integer ≥ 1")
-        need(self.hop_frames is None or (_is_int(self.hop_frames) and self.hop_frames >= 1), "hop_frames",
+        for name in ("manifest", "output", "model"):
+            storage.check_uri(getattr(self, name))
+        need(self.run_name == "" or bool(RUN_NAME_RE.fullmatch(self.run_name)), "run_name",
+             "1-128 characters of A-Z a-z 0-9 . _ - not starting with '.' (it names a directory)")
+        need(_int_in(self.num_actors, 1, MAX_ACTORS), "num_actors", f"an integer in 1..{MAX_ACTORS}")
+        need(_int_in(self.batch_size, 1, MAX_BATCH), "batch_size", f"an integer in 1..{MAX_BATCH}")
+        need(_int_in(self.long_batch_size, 1, MAX_BATCH), "long_batch_size", f"an integer in 1..{MAX_BATCH}")
+        need(_positive(self.long_threshold_s, MAX_DURATION_S), "long_threshold_s",
+             f"seconds in (0, {MAX_DURATION_S:g}]")
+        need(_int_in(self.crop_batch_size, 1, MAX_BATCH), "crop_batch_size", f"an integer in 1..{MAX_BATCH}")
+        need(self.hop_frames is None or _int_in(self.hop_frames, 1, MAX_BATCH), "hop_frames",
              "an integer ≥ 1 (≤ the native window) or None")
-        need(self.taper is None or (_is_int(self.taper) and self.taper >= 0), "taper",
+        need(self.taper is None or _int_in(self.taper, 0, MAX_BATCH), "taper",
              "an integer ≥ 0 (≤ half the native window) or None (the windows' overlap)")
-        need(_positive(self.max_duration), "max_duration", "a number of seconds > 0")
+        need(_positive(self.max_duration, MAX_DURATION_S), "max_duration", f"seconds in (0, {MAX_DURATION_S:g}]")
         need(self.default_steps is None or (_is_int(self.default_steps) and
                                              1 <= self.default_steps <= MAX_TEACHER_STEPS), "default_steps",
              f"None (the model's default) or an integer in 1..{MAX_STEPS} for a distilled student, "
@@ -77,16 +93,22 @@ class BatchConfig:
         need(self.default_format in FORMATS, "default_format", " | ".join(FORMATS))
         need(self.max_timestep is None or (_is_int(self.max_timestep) and 0 <= self.max_timestep <= 999),
              "max_timestep", "None (the model's setting) or an integer in 0..999 (distilled students only)")
-        need(_is_int(self.metrics_rows_per_shard) and self.metrics_rows_per_shard >= 1, "metrics_rows_per_shard",
-             "an integer ≥ 1")
-        need(_positive(self.metrics_flush_s), "metrics_flush_s", "a number of seconds > 0")
+        need(_int_in(self.metrics_rows_per_shard, 1, 1_000_000), "metrics_rows_per_shard",
+             "an integer in 1..1000000")
+        need(_positive(self.metrics_flush_s, MAX_SECONDS), "metrics_flush_s", f"seconds in (0, {MAX_SECONDS:g}]")
         need(self.dtype in DTYPES, "dtype", " | ".join(DTYPES))
-        need(self.cpus_per_actor is None or _positive(self.cpus_per_actor), "cpus_per_actor", "a number > 0")
-        need(self.torch_threads is None or (_is_int(self.torch_threads) and self.torch_threads >= 1),
-             "torch_threads", "an integer ≥ 1")
-        need(self.no_progress_timeout_s is None or _positive(self.no_progress_timeout_s) or
-             self.no_progress_timeout_s == -1, "no_progress_timeout_s", "seconds > 0, or -1 for no limit")
-        need(_positive(self.progress_s), "progress_s", "a number of seconds > 0")
+        need(self.cpus_per_actor is None or _positive(self.cpus_per_actor, 1024), "cpus_per_actor",
+             "a number in (0, 1024]")
+        need(self.torch_threads is None or _int_in(self.torch_threads, 1, 1024), "torch_threads",
+             "an integer in 1..1024")
+        need(self.no_progress_timeout_s is None or _positive(self.no_progress_timeout_s, MAX_SECONDS) or
+             self.no_progress_timeout_s == -1, "no_progress_timeout_s",
+             f"seconds in (0, {MAX_SECONDS:g}], or -1 for no limit")
+        need(_positive(self.progress_s, MAX_SECONDS), "progress_s", f"seconds in (0, {MAX_SECONDS:g}]")
+        need(_number_in(self.storage_retry_s, 0, MAX_BUDGET_S), "storage_retry_s",
+             f"seconds in 0..{MAX_BUDGET_S:g} (0: no retries)")
+        need(_number_in(self.lease_s, 10, MAX_SECONDS), "lease_s", f"seconds in 10..{MAX_SECONDS:g}")
+        need(isinstance(self.takeover, bool), "takeover", "True or False")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field."""
@@ -152,8 +174,17 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+def _int_in(value: object, low: int, high: int) -> bool:
+    return _is_int(value) and low <= value <= high  # type: ignore[operator]
+
+
+def _number_in(value: object, low: float, high: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and \
+        low <= value <= high
+
+
+def _positive(value: object, high: float = math.inf) -> bool:
+    return _number_in(value, 0, high) and value > 0  # type: ignore[operator]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from itertools import groupby
 import numpy as np
 import pyarrow as pa
 
-from musiccm import audio_io, model, storage
+from musiccm import audio_io, model, retry, storage
 from musiccm.batch import metrics
 from musiccm.batch.config import MAX_STEPS, BatchConfig
 from musiccm.batch.manifest import CHECKED
@@ -83,6 +83,7 @@ class GeneratorStage:
         import torch
 
         quiet_libraries()
+        retry.set_budget(config.storage_retry_s)  # this actor's storage calls ride out outages as configured
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = config

@@ -12,8 +12,10 @@ Pure pyarrow: no Ray, no model, no storage. A manifest is one or more Parquet fi
                     2.0), or a student's guidance embedding (students without one ignore it)
     format          string, optional: flac | wav (null: the run's default)
 
-Every other column is carried through to the metric rows. A wrong file or column type is a
-:class:`ManifestError` (the whole run stops); a bad value rejects only its row, with a reason.
+Every other column is carried through to the metric rows, unless its name is one the job writes itself
+(:data:`RESERVED`: the metric columns, `error` and `reason`), which stops the run before any work. A wrong
+file or column type is a :class:`ManifestError` (the whole run stops); a bad value rejects only its row,
+with a reason.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from musiccm.batch.config import FORMATS, MAX_STEPS, steps_range
-from musiccm.batch.metrics import METRIC_FIELDS
+from musiccm.batch.metrics import RESERVED_COLUMNS
 
 ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_SEED = 2**63 - 1
@@ -56,6 +58,8 @@ CHECKED = pa.schema(
         ("reason", pa.string()),  # null for a valid row
     ]
 )
+# Names a carried-through column may not have: the job's metric, error and checking columns.
+RESERVED = frozenset({*RESERVED_COLUMNS, *CHECKED.names})
 _TYPE_HINT = {
     "string": "a string type",
     "number": "an integer or floating-point type",
@@ -101,11 +105,11 @@ def check_schema(schema: pa.Schema, source: str) -> pa.Schema:
                 f"{source}: column {field.name!r} has type {field.type}; expected {_TYPE_HINT[kind]}"
             )
     carried = [f for f in schema if f.name not in KINDS]
-    clashes = [f.name for f in carried if f.name in METRIC_FIELDS or f.name == "reason"]
+    clashes = [f.name for f in carried if f.name in RESERVED]
     if clashes:
         raise ManifestError(
-            f"{source}: column(s) {', '.join(clashes)} clash with metric columns of the same name; rename them "
-            f"(reserved: {', '.join(sorted({*METRIC_FIELDS, 'reason'}))})"
+            f"{source}: column(s) {', '.join(clashes)} clash with columns the job writes; rename them "
+            f"(reserved: {', '.join(sorted(RESERVED))})"
         )
     return pa.schema(carried)
 

@@ -51,6 +51,8 @@ METRIC_SCHEMA = pa.schema(
 METRIC_FIELDS = tuple(METRIC_SCHEMA.names)
 ERROR_FIELD = pa.field("error", pa.string())  # stage output only: null for a clip that was written
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string())])
+# Every column name the job and the readers give a meaning to: a manifest may not carry a column of these names.
+RESERVED_COLUMNS = frozenset({*METRIC_FIELDS, ERROR_FIELD.name, *ERROR_SCHEMA.names})
 
 
 @dataclass(frozen=True)
@@ -141,13 +143,16 @@ def dedupe_newest(table: pa.Table) -> pa.Table:
     """One row per id: the latest `finished_at`, ties going to the later row (later shard)."""
     if table.num_rows == 0:
         return table
-    keyed = table.append_column("_order", pa.array(np.arange(table.num_rows)))
-    recency = [("finished_at", "ascending")] if "finished_at" in table.column_names else []
-    ranked = keyed.sort_by([*recency, ("_order", "ascending")])
-    ranked = ranked.append_column("_rank", pa.array(np.arange(ranked.num_rows)))
-    newest = ranked.group_by("id", use_threads=False).aggregate([("_rank", "max")]).column("_rank_max")
-    kept = ranked.take(newest)  # rank r sits at row r of `ranked`
-    return kept.sort_by([("_order", "ascending")]).drop_columns(["_order", "_rank"])
+    # The bookkeeping lives in a table of its own, so no carried column name can collide with it.
+    keys = {"id": table.column("id"), "order": np.arange(table.num_rows)}
+    if "finished_at" in table.column_names:
+        keys["time"] = table.column("finished_at")
+    recency = [("time", "ascending")] if "time" in keys else []
+    ranked = pa.table(keys).sort_by([*recency, ("order", "ascending")])
+    ranked = ranked.append_column("rank", pa.array(np.arange(ranked.num_rows)))
+    newest = ranked.group_by("id", use_threads=False).aggregate([("rank", "max")]).column("rank_max")
+    rows = np.sort(ranked.column("order").take(newest).to_numpy())  # rank r sits at row r of `ranked`
+    return table.take(pa.array(rows))
 
 
 def table_bytes(table: pa.Table) -> bytes:

@@ -12,13 +12,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from musiccm import storage
 from musiccm.defaults import DEFAULT_MODEL
+from musiccm.retry import DEFAULT_BUDGET_S, MAX_BUDGET_S
 from musiccm.schedule import lcm_timesteps
 
 LOSS_TYPES = ("huber", "l2")
 FEATURE_NETWORKS = ("audiomae", "clap")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 GUIDANCE_EMBEDDING_DIM = 256  # LCM's w-embedding width (diffusers train_lcm_distill_sd_wds.py)
+# Upper bounds, so that a typo fails validation instead of allocating a machine away on every worker.
+MAX_CROP_SECONDS = 120.0  # twelve of MusicLDM's 10.24 s windows
+MAX_COUNT = 10**9  # steps and step intervals
+MAX_BATCH = 4096
+MAX_WORKERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,9 @@ class DistillConfig:
     )
     validation_steps: tuple[int, ...] = (1, 2, 4)
     max_failures: int = 0
+    # How long each storage call (checkpoints, metrics, validation audio, training data, the manifest) rides out
+    # an outage with jittered exponential back-off before it fails (musiccm.retry); 0 = no retries.
+    storage_retry_s: float = DEFAULT_BUDGET_S
     seed: int = 0
     tiny_feature_network: bool = False  # tests: a small random ViT with the same interface as ViT-B
 
@@ -192,21 +202,28 @@ class DistillConfig:
             return isinstance(x, int) and not isinstance(x, bool)
 
         need(isinstance(self.teacher, str) and bool(self.teacher), "teacher", "a non-empty model path or hub id")
+        for name in ("teacher", "student_init", "train_manifest", "storage", "output", "audiomae_path"):
+            if isinstance(getattr(self, name), str):
+                storage.check_uri(getattr(self, name))
         need(self.student_init is None or (isinstance(self.student_init, str) and bool(self.student_init)),
              "student_init", "None (the teacher's UNet) or a non-empty model path or hub id")
         need(isinstance(self.train_manifest, str), "train_manifest", "a path or s3:// uri string")
         need(isinstance(self.name, str) and bool(self.name) and "/" not in self.name and ".." not in self.name,
              "name", "a non-empty run name without '/' or '..'")
-        need(integer(self.num_workers) and self.num_workers >= 1, "num_workers", "an integer >= 1")
-        need(integer(self.max_steps) and self.max_steps >= 1, "max_steps", "an integer >= 1")
-        need(integer(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1 (per worker)")
+        need(integer(self.num_workers) and 1 <= self.num_workers <= MAX_WORKERS, "num_workers",
+             f"an integer in 1..{MAX_WORKERS}")
+        need(integer(self.max_steps) and 1 <= self.max_steps <= MAX_COUNT, "max_steps", f"an integer in 1..{MAX_COUNT}")
+        need(integer(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH, "batch_size",
+             f"an integer in 1..{MAX_BATCH} (per worker)")
         need(finite(self.lr) and 0 < self.lr <= 1, "lr", "a float in (0, 1]")
         need(finite(self.disc_lr) and 0 < self.disc_lr <= 1, "disc_lr", "a float in (0, 1]")
         need(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a float >= 0")
-        need(integer(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(integer(self.warmup_steps) and 0 <= self.warmup_steps <= MAX_COUNT, "warmup_steps",
+             f"an integer in 0..{MAX_COUNT}")
         need(finite(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0 (0 = off)")
         need(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"one of {MIXED_PRECISIONS}")
-        need(integer(self.lora_rank) and self.lora_rank >= 0, "lora_rank", "an integer >= 0 (0 = full fine-tuning)")
+        need(integer(self.lora_rank) and 0 <= self.lora_rank <= MAX_BATCH, "lora_rank",
+             f"an integer in 0..{MAX_BATCH} (0 = full fine-tuning)")
         need(integer(self.num_ddim_timesteps) and 1 <= self.num_ddim_timesteps <= 1000 and
              1000 % self.num_ddim_timesteps == 0, "num_ddim_timesteps", "an integer in 1..1000 that divides 1000")
         need(integer(self.k_skip) and 1 <= self.k_skip < self.num_ddim_timesteps, "k_skip",
@@ -240,7 +257,7 @@ class DistillConfig:
         need(self.dmd_guidance is None or (finite(self.dmd_guidance) and self.dmd_guidance >= 1), "dmd_guidance",
              "None (each clip's 1 + w) or a float >= 1 (1 = the teacher without guidance)")
         need(finite(self.fake_lr) and 0 < self.fake_lr <= 1, "fake_lr", "a float in (0, 1]")
-        need(integer(self.fake_updates) and self.fake_updates >= 1, "fake_updates", "an integer >= 1")
+        need(integer(self.fake_updates) and 1 <= self.fake_updates <= 100, "fake_updates", "an integer in 1..100")
         need(finite(self.gan_weight) and self.gan_weight >= 0, "gan_weight", "a float >= 0 (0 = off)")
         need(self.gan_weight == 0 or self.dmd_weight > 0, "gan_weight",
              "0 unless dmd_weight > 0 (the GAN classifier sits on the fake score)")
@@ -253,21 +270,28 @@ class DistillConfig:
              all(integer(i) and i >= 0 for i in self.disc_layers) and
              len(set(self.disc_layers)) == len(self.disc_layers), "disc_layers",
              "a non-empty tuple of distinct block indices >= 0")
-        need(self.crop_seconds is None or (finite(self.crop_seconds) and self.crop_seconds > 0), "crop_seconds",
-             "None (native window) or a float > 0")
-        need(integer(self.latent_cache_mb) and self.latent_cache_mb >= 0, "latent_cache_mb",
-             "an integer >= 0 (MiB per worker; 0 = off)")
-        need(integer(self.checkpoint_every) and self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
-        need(integer(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
-        need(finite(self.report_every_s) and self.report_every_s >= 0, "report_every_s",
-             "a float >= 0 (seconds; 0 = every step)")
-        need(integer(self.validate_every) and self.validate_every >= 0, "validate_every", "an integer >= 0 (0 = off)")
+        need(self.crop_seconds is None or (finite(self.crop_seconds) and 0 < self.crop_seconds <= MAX_CROP_SECONDS),
+             "crop_seconds", f"None (native window) or seconds in (0, {MAX_CROP_SECONDS:g}]")
+        need(integer(self.latent_cache_mb) and 0 <= self.latent_cache_mb <= 1 << 20, "latent_cache_mb",
+             f"an integer in 0..{1 << 20} (MiB per worker; 0 = off)")
+        need(integer(self.checkpoint_every) and 1 <= self.checkpoint_every <= MAX_COUNT, "checkpoint_every",
+             f"an integer in 1..{MAX_COUNT}")
+        need(integer(self.keep_checkpoints) and 1 <= self.keep_checkpoints <= 10_000, "keep_checkpoints",
+             "an integer in 1..10000")
+        need(finite(self.report_every_s) and 0 <= self.report_every_s <= 86_400, "report_every_s",
+             "seconds in 0..86400 (0 = every step)")
+        need(integer(self.validate_every) and 0 <= self.validate_every <= MAX_COUNT, "validate_every",
+             f"an integer in 0..{MAX_COUNT} (0 = off)")
+        need(len(self.validation_prompts) <= MAX_BATCH, "validation_prompts", f"at most {MAX_BATCH} prompts")
+        need(finite(self.storage_retry_s) and 0 <= self.storage_retry_s <= MAX_BUDGET_S, "storage_retry_s",
+             f"seconds in 0..{MAX_BUDGET_S:g} (0 = no retries)")
         need(isinstance(self.validation_prompts, tuple) and all(isinstance(p, str) for p in self.validation_prompts),
              "validation_prompts", "a tuple of strings")
         need(isinstance(self.validation_steps, tuple) and
              all(integer(s) and 1 <= s <= self.num_ddim_timesteps for s in self.validation_steps),
              "validation_steps", f"a tuple of integers in 1..{self.num_ddim_timesteps}")
-        need(integer(self.max_failures) and self.max_failures >= -1, "max_failures", "an integer >= -1 (-1 = forever)")
+        need(integer(self.max_failures) and -1 <= self.max_failures <= 10_000, "max_failures",
+             "an integer in -1..10000 (-1 = forever)")
         need(integer(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
         need(isinstance(self.tiny_feature_network, bool), "tiny_feature_network", "True or False")
         need(isinstance(self.use_gpu, bool), "use_gpu", "True or False")

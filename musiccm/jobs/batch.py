@@ -2,6 +2,7 @@
 
 Output layout (local directory or s3:// prefix):
 
+    _OWNER.json                   the live job's lease (musiccm.batch.ownership): one job per output at a time
     _RUN.json                     config + fingerprint of the run that owns this output (checked on rerun)
     _SUMMARY.json                 counts, throughput, model, config, versions of the latest attempt
     audio/{id}.{flac|wav}         written by the actors, atomically, at deterministic keys
@@ -9,7 +10,7 @@ Output layout (local directory or s3:// prefix):
     errors/{attempt}-{n}.parquet  (id, reason) for rejected rows and failed clips of the latest attempt
 
 Steps: (1) before Ray: list the manifest, check every file's schema, probe that the output is
-writable, check the model and the output's fingerprint; (2) read and validate rows with Ray Data
+writable, check the model, take the output's lease and check its fingerprint; (2) read and validate rows with Ray Data
 tasks; (3) on the driver: duplicate ids, rejected rows, ids already done (`resume`); (4) short
 then long clips through an actor pool, each batch one homogeneous block; (5) metric rows stream
 back to the driver, which writes shards and prints progress; (6) summary.
@@ -37,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from musiccm import model, storage
-from musiccm.batch import manifest, resume
+from musiccm import model, retry, storage
+from musiccm.batch import manifest, ownership, resume
 from musiccm.batch.config import (
     BatchConfig,
     Resources,
@@ -180,8 +181,9 @@ def read_checked(files: list[str], carried: pa.Schema, config: BatchConfig, max_
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink) -> None:
-    """Short clips, then long ones, through a fixed actor pool; every stage row goes to `sink`."""
+def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink, lease: ownership.Lease) -> None:
+    """Short clips, then long ones, through a fixed actor pool; every stage row goes to `sink` while we own the
+    output."""
     import ray
 
     is_long = pc.fill_null(pc.greater(todo.column("duration_s"), config.long_threshold_s), False)
@@ -202,6 +204,7 @@ def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink) ->
             num_cpus=res.num_cpus,
         )
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            lease.check()
             sink.add(batch)
 
 
@@ -239,18 +242,39 @@ class Work:
     counts: dict
 
 
-def preflight(config: BatchConfig, attempt: str) -> tuple[BatchConfig, list[str], pa.Schema, dict]:
-    """Everything that can fail fast, before Ray: manifest files and schema, output writability, model, claim.
+def preflight(config: BatchConfig) -> tuple[BatchConfig, list[str], pa.Schema, dict]:
+    """Everything that can fail fast, before Ray: manifest files and schema, output writability, model.
 
     Returns the config with the model's default steps filled in (what `_RUN.json` and the summary record).
     """
     files = manifest_files(config.manifest)
     carried = manifest_schema(files)
-    storage.check_writable(config.output)
     model_info = inspect_model(config.model)
+    check_crop_fusion(config, model_info)
+    storage.check_writable(config.output)
     config = with_model_steps(config, model_info)
-    claim_output(config, model_info, attempt)
     return config, files, carried, model_info
+
+
+def check_crop_fusion(config: BatchConfig, model_info: dict) -> None:
+    """--hop-frames and --taper against the model's native window (from its UNet config; hub ids: by the actors)."""
+    if config.hop_frames is None and config.taper is None:
+        return
+    uri = model_info["uri"]
+    if not (storage.is_s3(uri) or os.path.isdir(uri)):
+        return
+    try:
+        unet = json.loads(storage.read_bytes(storage.join(uri, "unet", "config.json")))
+        size = unet["sample_size"]
+        window = int(size[0] if isinstance(size, list) else size)
+    except (storage.StorageError, ValueError, KeyError, TypeError, IndexError):
+        return  # the model check reports an unreadable UNet config
+    if config.hop_frames is not None and config.hop_frames > window:
+        raise ValueError(f"--hop-frames {config.hop_frames} is invalid for model {model_info['name']}; allowed: "
+                         f"1..{window} (its native window in latent frames)")
+    if config.taper is not None and config.taper > window // 2:
+        raise ValueError(f"--taper {config.taper} is invalid for model {model_info['name']}; allowed: "
+                         f"0..{window // 2} (half its native window in latent frames)")
 
 
 def find_work(files: list[str], carried: pa.Schema, config: BatchConfig, attempt: str, max_steps: int) -> Work:
@@ -286,10 +310,25 @@ def ray_session(config: BatchConfig) -> Iterator[None]:
 
 def run(config: BatchConfig) -> dict:
     """Run (or resume) a batch; return the summary (also written to `_SUMMARY.json`)."""
+    started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
+    retry.set_budget(config.storage_retry_s)
+    config, files, carried, model_info = preflight(config)  # 1. fail fast, no Ray yet
+    lease = ownership.acquire(config.output, config.run_name, attempt, config.lease_s, config.takeover)
+    try:
+        for note in lease.notes:
+            print(f"[batch] note: {note}", flush=True)
+        claim_output(config, model_info, attempt)
+        lease.keep_renewed()
+        return _run_owned(config, attempt, started, t0, files, carried, model_info, lease)
+    finally:
+        lease.release()
+
+
+def _run_owned(config: BatchConfig, attempt: str, started: datetime, t0: float, files: list[str],
+               carried: pa.Schema, model_info: dict, lease: ownership.Lease) -> dict:
+    """Steps 2-6 of a run whose output lease is held."""
     import ray
 
-    started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
-    config, files, carried, model_info = preflight(config, attempt)  # 1. fail fast, no Ray yet
     print(f"[batch] run {config.run_name!r}: {len(files)} manifest file(s) → {config.output}", flush=True)
     with ray_session(config):
         max_steps = steps_limit(model_info["consistency"])
@@ -308,9 +347,10 @@ def run(config: BatchConfig) -> dict:
         strict_stop = config.strict and work.errors.num_rows > 0
         if work.todo.num_rows and not strict_stop:
             try:
-                generate(work.todo, config, res, sink)  # 4-5. actors write audio; metric rows stream back
+                generate(work.todo, config, res, sink, lease)  # 4-5. actors write audio; metric rows stream back
             finally:
                 sink.close()
+                lease.check()  # a job that took the output over owns errors/ and the summary now
                 if sink.failures:
                     failures = [{"id": i, "reason": r} for i, r in sink.failures.items()]
                     write_errors(config.output, attempt, work.errors.to_pylist() + failures)
@@ -320,6 +360,7 @@ def run(config: BatchConfig) -> dict:
     elif sink.failures:
         status = f"failed: {len(sink.failures)} clip(s) could not be generated (see errors/)"
     summary = make_summary(config, attempt, started, time.monotonic() - t0, status, work, sink, res, model_info)
+    lease.check()
     storage.write_bytes(storage.join(config.output, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
     return summary
 
@@ -386,11 +427,14 @@ def run_job(config: BatchConfig) -> int:
     try:
         summary = run(config)
     except (ManifestError, ModelError, RunConflict, storage.StorageError, ValueError) as exc:
-        print(f"batch_generate: error: {exc}", file=sys.stderr, flush=True)
+        print(f"batch_generate: error: {storage.redact(str(exc))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except ownership.OwnershipLost as exc:
+        print(f"batch_generate: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except Exception as exc:  # a task failed for good (e.g. a permanent storage error inside an actor)
-        print(f"batch_generate: error: generation stopped: {root_cause(exc)}. Clips written so far are kept; "
-              "rerun the same command to resume.", file=sys.stderr, flush=True)
+        print(f"batch_generate: error: generation stopped: {storage.redact(root_cause(exc))}. Clips written so "
+              "far are kept; rerun the same command to resume.", file=sys.stderr, flush=True)
         return EXIT_FAILED
     print(summary_table(summary), flush=True)
     return EXIT_OK if summary["status"] == "ok" else EXIT_FAILED

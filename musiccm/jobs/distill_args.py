@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -102,6 +103,9 @@ HELP: dict[str, str] = {
     "validation_prompts": "fixed validation prompts (several arguments)",
     "validation_steps": "sampling step counts used for validation (several arguments)",
     "max_failures": "worker-group restarts Ray Train may do, each from the latest checkpoint (-1 = forever)",
+    "storage_retry_s": "how long each storage call (checkpoints, metrics, validation audio, the manifest and "
+    "training data) rides out an outage (unreachable endpoint, 5xx, throttling, resets) with jittered "
+    "exponential back-off before it fails; 0 = no retries",
     "seed": "run seed: student init (LoRA/heads), per-(rank, step) noise, data crops, validation seeds",
     "tiny_feature_network": "tests only: a tiny random ViT instead of ViT-B as discriminator features",
 }
@@ -154,6 +158,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                      help="skip the preflight check of the cluster's GPUs/CPUs (for autoscaling clusters whose "
                      "worker nodes are not up yet)")
     return p
+
+
+def check_job_flags(args: argparse.Namespace) -> None:
+    """The job-only flags, bounded before Ray starts (ValueError says what is allowed)."""
+    cpus = args.cpus_per_worker
+    if not (math.isfinite(cpus) and 0 < cpus <= 1024):
+        raise ValueError(f"--cpus-per-worker {cpus:g} is invalid; allowed: a number of CPUs in (0, 1024]")
 
 
 def to_config(args: argparse.Namespace) -> DistillConfig:

@@ -38,7 +38,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from musiccm import model, storage
+from musiccm import model, retry, storage
 from musiccm.distill.config import DistillConfig
 from musiccm.distill.data import PreparedBatch
 from musiccm.distill.distiller import Distiller, step_generator
@@ -238,6 +238,7 @@ def _restore(distiller: Distiller, rank: int, world: int, shard_rows: int) -> tu
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: everything arrives through ``loop_config`` ({"config": ..., "job": ...})."""
     config = DistillConfig.from_dict(loop_config["config"])
+    retry.set_budget(config.storage_retry_s)  # checkpoint, metric and data reads ride out storage outages
     job_cfg = loop_config["job"]
     fail_at = tuple(job_cfg["fail_at"]) if job_cfg.get("fail_at") else None
     spec = JobSpec(job_cfg["run"], job_cfg.get("shard_rows", 0), fail_at)
