@@ -3,6 +3,7 @@
 S3 settings come only from the standard AWS environment: `AWS_ENDPOINT_URL` (or
 `AWS_ENDPOINT_URL_S3`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` /
 `AWS_DEFAULT_REGION`. On Ray, pass them to every worker with `runtime_env={"env_vars": ...}`.
+The client, URI checks and error mapping live in :mod:`musiccm.s3`.
 
 - Writes are atomic: a reader sees the old object or the whole new one, never a part; a retried
   write overwrites the same final key. Temporaries end in `.tmp-<32 hex>` and are never listed.
@@ -13,7 +14,7 @@ S3 settings come only from the standard AWS environment: `AWS_ENDPOINT_URL` (or
   at once, naming the URI and the cause in one line, never a credential. A URI that carries
   credentials (`s3://KEY:SECRET@bucket`) is refused, and shown masked.
 - Conditional writes (`create_exclusive`, `replace_if_unchanged`) for one-owner records: S3's
-  `If-None-Match` / `If-Match`, and a link/lock on local disks.
+  `If-None-Match` / `If-Match`, and an flock on the directory on local disks.
 - Parquet: `fs, path = pyarrow_fs(uri)` then `pq.write_table(t, path, filesystem=fs)` or
   `ray.data.read_parquet(path, filesystem=fs)`: for S3 a filesystem whose every call follows the same
   retry budget (:mod:`musiccm.arrow_fs`), so Ray Data reads and Ray Train checkpoints ride out outages too.
@@ -24,12 +25,10 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import fcntl
-import functools
 import hashlib
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -38,18 +37,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-import boto3
 import pyarrow.fs as pafs
-from boto3.exceptions import Boto3Error, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import ClientError
 
-from musiccm import arrow_fs, retry
-from musiccm.retry import redact
+from musiccm import arrow_fs
+from musiccm.retry import redact  # noqa: F401  (storage.redact: masks credentials in any message)
+from musiccm.s3 import StorageError, check_uri, is_s3
+from musiccm.s3 import call as _call
+from musiccm.s3 import client as _client
+from musiccm.s3 import head as _head
+from musiccm.s3 import local_path as _local
+from musiccm.s3 import op as _op
+from musiccm.s3 import settings as _settings
+from musiccm.s3 import split as _split
 
 P = ParamSpec("P")
-
 R = TypeVar("R")
 
 _TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}$")
@@ -58,159 +61,6 @@ _MiB = 1024**2
 _TRANSFER = TransferConfig(
     multipart_threshold=64 * _MiB, multipart_chunksize=64 * _MiB, max_concurrency=8, num_download_attempts=1
 )
-_CLIENTS: dict[tuple[Any, ...], Any] = {}
-_BUCKETS_SEEN: set[tuple[Any, ...]] = set()
-_LOCK = threading.Lock()
-
-
-class StorageError(RuntimeError):
-    """A permanent storage failure, or one that outlasted the retry budget: `<uri>: <cause>` in one line."""
-
-
-# ---------------------------------------------------------------- S3 plumbing
-
-
-def is_s3(uri: str) -> bool:
-    """True for `s3://bucket/key` URIs."""
-    return uri.startswith("s3://")
-
-
-def check_uri(uri: str) -> str:
-    """`uri` unchanged, or ValueError for one with credentials in it (shown masked: they belong in AWS_*)."""
-    if retry.has_userinfo(uri):
-        raise ValueError(f"{redact(uri)}: credentials in a URI are not accepted (they would be logged and "
-                         "recorded); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
-    return uri
-
-
-def _split(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key` -> (bucket, key)."""
-    bucket, _, key = check_uri(uri)[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"{uri!r}: no bucket; expected s3://bucket/key")
-    return bucket, key
-
-
-def _local(uri: str) -> str:
-    """Local path of a non-S3 URI (a plain path or `file://` URI)."""
-    return uri.removeprefix("file://")
-
-
-def _settings() -> tuple[str | None, str]:
-    """(endpoint URL or None, region) from the AWS environment."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return endpoint, region
-
-
-def _cache_key() -> tuple[Any, ...]:
-    """Client cache key: process, endpoint, region and a digest of the credentials in the environment."""
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-    creds = "\0".join(os.environ.get(k, "") for k in names)
-    return (os.getpid(), *_settings(), hashlib.sha256(creds.encode()).hexdigest())
-
-
-def _client() -> Any:
-    """The boto3 S3 client of this process for the current environment (created lazily, never pickled)."""
-    key = _cache_key()
-    client = _CLIENTS.get(key)
-    if client is None:
-        with _LOCK:  # boto3 sessions are not thread-safe; clients are
-            client = _CLIENTS.get(key)
-            if client is None:
-                endpoint, region = _settings()
-                config = Config(
-                    region_name=region,
-                    retries={"total_max_attempts": 1, "mode": "standard"},  # `retry` is the policy
-                    connect_timeout=10,
-                    read_timeout=60,
-                    max_pool_connections=32,
-                    s3={"addressing_style": "path" if endpoint else "auto"},
-                    request_checksum_calculation="when_required",  # S3-compatible servers vary here
-                    response_checksum_validation="when_required",
-                )
-                client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
-                _CLIENTS[key] = client
-    return client
-
-
-def _error(uri: str, exc: BaseException) -> StorageError:
-    """One-line StorageError for a boto/OS failure; never echoes credentials."""
-    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
-        exc = exc.__context__
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        bucket = _split(uri)[0] if is_s3(uri) else ""
-        if code == "NoSuchBucket":
-            cause = f"bucket {bucket!r} does not exist"
-        elif code in ("NoSuchKey", "404", "NotFound"):
-            cause = f"bucket {bucket!r} does not exist" if _bucket_missing(bucket) else "no such object"
-        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            cause = f"invalid credentials ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-        elif code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
-            cause = f"access denied to bucket {bucket!r}"
-        else:
-            cause = f"{code or 'error'} (HTTP {status})"
-    elif isinstance(exc, NoCredentialsError):
-        cause = "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    elif isinstance(exc, FileNotFoundError):
-        cause = "no such file or directory"
-    elif isinstance(exc, OSError):
-        cause = exc.strerror or type(exc).__name__
-    else:
-        cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if retry.is_transient(exc):
-        cause = f"still failing after the {retry.budget_s():.0f} s retry budget: {cause}"
-    return StorageError(redact(f"{uri}: {cause}"))
-
-
-def _call(uri: str, fn: Callable[[], R]) -> R:
-    """Run `fn()` under the retry budget, mapping what still fails to a StorageError on `uri`."""
-    try:
-        return retry.call(fn, redact(uri))
-    except (BotoCoreError, ClientError, OSError, Boto3Error) as exc:
-        raise _error(uri, exc) from exc
-
-
-def _op(fn: Callable[P, R]) -> Callable[P, R]:
-    """Decorator form of `_call` for functions whose first argument is the URI."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        return _call(str(args[0]), lambda: fn(*args, **kwargs))
-
-    return wrapper
-
-
-def _bucket_missing(bucket: str) -> bool:
-    """True if HEAD on `bucket` says 404 (a HEAD object 404 has no body to tell bucket from key)."""
-    if not bucket:
-        return False
-    seen = (*_cache_key(), bucket)
-    if seen in _BUCKETS_SEEN:
-        return False
-    try:
-        _client().head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
-    except (BotoCoreError, OSError):
-        return False  # unknown: report the object as missing
-    _BUCKETS_SEEN.add(seen)
-    return False
-
-
-def _head(uri: str) -> dict[str, Any] | None:
-    """HEAD an object: its metadata, or None if the key is missing (StorageError if the bucket is)."""
-    bucket, key = _split(uri)
-    try:
-        return _client().head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
-            raise
-        if _bucket_missing(bucket):
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from exc
-        return None
 
 
 # ---------------------------------------------------------------- keys
