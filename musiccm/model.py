@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,23 @@ def _check_layout(directory: str, name: str) -> str:
     return directory
 
 
+def check_loadable(directory: str, name: str, components: Iterable[str] = REQUIRED) -> None:
+    """ModelError unless the model in ``directory`` (local, or an ``s3://`` prefix) would load, without loading it.
+
+    Every config of ``components`` parses, the scheduler class exists, and each weights file is a complete
+    safetensors file whose tensors have the names and shapes of the module its config describes (built on the meta
+    device, compared with the safetensors headers): the error names the component and the first differences.
+    See :mod:`musiccm.model_check`.
+    """
+    from musiccm import model_check
+
+    model_check.check(directory, name, components)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def load(
     path_or_id: str,
     *,
@@ -154,6 +171,7 @@ def load(
     from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizerFast, SpeechT5HifiGan
 
     directory = resolve(path_or_id, local_files_only=local_files_only, cache_dir=cache_dir)
+    check_loadable(directory, path_or_id)  # a damaged file is named here, not met as some library's error
     index = json.loads(Path(directory, "model_index.json").read_text())
     sched_cfg = json.loads(Path(directory, "scheduler", "scheduler_config.json").read_text())
     sched_cls = getattr(diffusers, sched_cfg.get("_class_name", ""), None)
@@ -170,7 +188,7 @@ def load(
             vocoder = SpeechT5HifiGan.from_pretrained(directory, subfolder="vocoder", use_safetensors=True)
         tokenizer = RobertaTokenizerFast.from_pretrained(directory, subfolder="tokenizer")
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {path_or_id!r} could not be loaded: {exc}") from None
+        raise ModelError(f"model {path_or_id!r} could not be loaded: {_one_line(exc)}") from None
     feature_extractor = None
     if os.path.isdir(os.path.join(directory, "feature_extractor")):
         feature_extractor = ClapFeatureExtractor.from_pretrained(directory, subfolder="feature_extractor")
@@ -220,10 +238,11 @@ def load_unet(
 ) -> torch.nn.Module:
     """Only the UNet of a MusicLDM-layout model (safetensors), frozen, in eval mode: e.g. a student's start."""
     directory = resolve(path_or_id, local_files_only=local_files_only, cache_dir=cache_dir)
+    check_loadable(directory, path_or_id, components=("unet",))
     try:
         unet = _unet(directory, dtype)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {path_or_id!r}: its UNet could not be loaded: {exc}") from None
+        raise ModelError(f"model {path_or_id!r}: its UNet could not be loaded: {_one_line(exc)}") from None
     return unet.eval().requires_grad_(False).to(device)
 
 

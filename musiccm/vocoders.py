@@ -102,14 +102,23 @@ class GriffinLimVocoder(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, subfolder: str | None = None, **_: object) -> GriffinLimVocoder:
         d = Path(directory) / (subfolder or "")
-        raw = json.loads((d / CONFIG_NAME).read_text())
-        if raw.pop("_class_name", CLASS_NAME) != CLASS_NAME:
-            raise ValueError(f"{d / CONFIG_NAME} does not describe a {CLASS_NAME}")
-        fields = GriffinLimConfig.__dataclass_fields__
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise ValueError(f"{d / CONFIG_NAME}: unknown {CLASS_NAME} settings {unknown}; allowed: {sorted(fields)}")
-        return cls(GriffinLimConfig(**raw))
+        try:
+            config = config_from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        except ValueError as exc:
+            raise ValueError(f"{d / CONFIG_NAME}: {exc}") from None
+        return cls(config)
+
+
+def config_from_dict(raw: dict) -> GriffinLimConfig:
+    """A vocoder ``config.json``'s settings; ValueError naming what is wrong and what is allowed."""
+    raw = dict(raw)
+    if raw.pop("_class_name", CLASS_NAME) != CLASS_NAME:
+        raise ValueError(f"does not describe a {CLASS_NAME}")
+    fields = GriffinLimConfig.__dataclass_fields__
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {CLASS_NAME} settings {unknown}; allowed: {sorted(fields)}")
+    return GriffinLimConfig(**raw)
 
 
 def vocoder_class(index_entry: list | None) -> str:

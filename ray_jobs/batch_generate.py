@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
       "or hub id; a distilled student (LCMScheduler) or a MusicLDM teacher (DDIM + classifier-free guidance); "
       "default: the bundled demo student (recipes/demo: synthetic soundfont music, 2.56 s native window)")
     a("--num-actors", type=int, default=1, help="model replicas; one GPU each when the cluster has GPUs (default 1)")
+    a("--calls-per-actor", type=int, default=2, help="batches an actor works on at once: one generates while the "
+      "others encode and write their audio (1: generate, then write, in series; default 2)")
     a("--batch-size", type=int, default=8, help="clips per generate() call up to --long-threshold-s (default 8)")
     a("--long-batch-size", type=int, default=1, help="clips per call above --long-threshold-s (default 1)")
     a("--long-threshold-s", type=float, default=20.0, help="clips longer than this many seconds use "
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         run_name, output = batch.resolve_names(args.manifest, args.model, args.run_name, args.output)
         config = BatchConfig(
             manifest=args.manifest, output=output, run_name=run_name, model=args.model, num_actors=args.num_actors,
+            calls_per_actor=args.calls_per_actor,
             batch_size=args.batch_size, long_batch_size=args.long_batch_size, long_threshold_s=args.long_threshold_s,
             crop_batch_size=args.crop_batch_size, hop_frames=args.hop_frames, taper=args.taper,
             max_duration=args.max_duration,

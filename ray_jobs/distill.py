@@ -9,7 +9,8 @@ Local (starts a Ray instance; run under ./outputs/runs/<name>):
 Rerunning with the same --name and --storage resumes from the run's latest checkpoint (the step counter
 continues; raise --max-steps to train longer). --max-failures N lets Ray Train restart a failed worker
 group N times from the latest checkpoint. Guidance: --w is the LCM/MusicCM weight, diffusers
-guidance_scale = w + 1. Exit codes: 0 done and exported; 1 training failed; 2 bad input (nothing started).
+guidance_scale = w + 1. Exit codes: 0 done and exported; 1 training failed; 2 bad input (nothing started, or a
+model the workers could not load).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             check_cluster(config, args.cpus_per_worker, ray.cluster_resources())
     except PreflightError as exc:
         return error(str(exc))
-    from musiccm.jobs.distill_run import build_trainer, summarize, write_summary
+    from musiccm.jobs.distill_run import build_trainer, model_failure, summarize, write_summary
 
     # 3. Train (Ray Train V2 resumes from {storage}/{name} when the run exists), then summarise.
     start = time.perf_counter()
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         failure = exc
     summary = summarize(config, manifest, result, failure, time.perf_counter() - start)
     summary["summary"] = write_summary(config, summary)
+    unusable = model_failure(failure)
+    if unusable is not None:  # a model the workers cannot load (e.g. a hub id missing from a node's cache)
+        return error(f"a training worker could not load its model: {unusable}")
     print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK if summary["status"] == "ok" else EXIT_FAILED
 

@@ -60,3 +60,38 @@ def untrained_student_dir(tmp_path_factory):
     info = {"name": "musiccm-untrained-tiny", "trained": False, "note": "random weights; makes noise"}
     return model.save(as_student(build_components("tiny", seed=0)), tmp_path_factory.mktemp("models") / "untrained",
                       extra=info)
+
+
+@pytest.fixture(scope="session")
+def broken_models(tiny_teacher_dir, tmp_path_factory) -> dict[str, str]:
+    """Copies of the tiny teacher with damaged weights, each still a complete MusicLDM layout:
+
+    ``unet_shape``: one UNet tensor of another shape; ``unet_missing``: one UNet tensor deleted;
+    ``vae_truncated``: the VAE's safetensors cut in half (as by an interrupted copy);
+    ``clap_missing``: one CLAP tensor deleted (transformers would load it with that tensor random).
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("broken-models")
+    out = {}
+    for name in ("unet_shape", "unet_missing", "vae_truncated", "clap_missing"):
+        out[name] = shutil.copytree(tiny_teacher_dir, root / name).as_posix()
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    tensors = load_file(os.path.join(out["unet_shape"], unet))
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:, :4].contiguous()  # 8 input channels → 4
+    save_file(tensors, os.path.join(out["unet_shape"], unet), metadata={"format": "pt"})
+    tensors = load_file(os.path.join(out["unet_missing"], unet))
+    del tensors["conv_in.bias"]
+    save_file(tensors, os.path.join(out["unet_missing"], unet), metadata={"format": "pt"})
+    vae = os.path.join(out["vae_truncated"], "vae", "diffusion_pytorch_model.safetensors")
+    with open(vae, "rb") as f:
+        data = f.read()
+    with open(vae, "wb") as f:
+        f.write(data[: len(data) // 2])
+    clap = os.path.join(out["clap_missing"], "text_encoder", "model.safetensors")
+    tensors = load_file(clap)
+    del tensors["text_projection.linear1.weight"]
+    save_file(tensors, clap, metadata={"format": "pt"})
+    return out

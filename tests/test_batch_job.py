@@ -498,7 +498,47 @@ def test_default_steps_above_a_students_limit_fail_fast(tmp_path: Path, capsys: 
 
 def test_bad_flags_exit_2(capsys: pytest.CaptureFixture) -> None:
     code, err = run_main(["--manifest", "m.parquet", "--output", "o", "--num-actors", "0"], capsys)
-    assert code == 2 and "num_actors=0 is invalid; allowed: an integer ≥ 1" in err
+    assert code == 2 and "num_actors=0 is invalid; allowed: an integer in 1..100000" in err
+
+
+def test_damaged_model_weights_fail_before_ray(s3: SeaweedFS, broken_models: dict[str, str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A model whose weights cannot load (a UNet tensor of another shape, a truncated VAE file), local or on S3, is
+    refused with one line naming the component, before Ray starts (the actors would otherwise fail after it)."""
+    import ray
+
+    manifest_uri = _write(tmp_path / "m.parquet", pa.table({"id": ["a"], "prompt": ["p"]}))
+    storage.upload_dir(broken_models["vae_truncated"], "s3://data/models/vae-truncated")
+    cases = {
+        broken_models["unet_shape"]: ("unet", "conv_in.weight"),
+        broken_models["vae_truncated"]: ("vae", "truncated"),
+        "s3://data/models/vae-truncated": ("vae", "truncated"),
+    }
+    for i, (model_uri, needles) in enumerate(cases.items()):
+        started = time.monotonic()
+        code, err = run_main(["--manifest", manifest_uri, "--output", str(tmp_path / f"out{i}"), "--model",
+                              model_uri], capsys)
+        assert code == 2, err
+        assert err.startswith("batch_generate: error: ") and err.count("\n") == 1, err
+        assert all(n in err for n in needles) and "Traceback" not in err, err
+        assert time.monotonic() - started < 20
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_hub_model_missing_from_the_local_cache_exits_2(tmp_path: Path) -> None:
+    """A hub id the actors cannot find in their cache (--local-files-only) fails inside the actor, after Ray
+    started: the driver still exits 2 (unusable model) with one line naming the model, not 1 with a traceback."""
+    manifest_uri = _write(tmp_path / "m.parquet", pa.table({"id": ["a"], "prompt": ["p"]}))
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home")}  # an empty hub cache
+    args = [sys.executable, SCRIPT, "--manifest", manifest_uri, "--output", str(tmp_path / "out"), "--model",
+            "acme/not-cached", "--local-files-only", "--progress-s", "2"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+    assert last.startswith("batch_generate: error: model acme/not-cached: "), last
+    assert "local hub cache" in last and "generation stopped" not in last, last
 
 
 # ---------------------------------------------------------------- the stage, in process (no Ray)

@@ -348,11 +348,15 @@ def test_default_run_name_is_path_safe() -> None:
 def test_resources_leave_cpu_headroom_and_pin_one_gpu_per_actor() -> None:
     config = BatchConfig(manifest="m", output="o", num_actors=4)
     cpu2 = plan_resources(config, {"CPU": 2.0})
-    assert (cpu2.actors, cpu2.num_gpus, cpu2.num_cpus, cpu2.device, cpu2.torch_threads) == (1, 0, 1, "cpu", 1)
+    # One Ray CPU is kept free for Ray's tasks, but torch threads use every core of the machine.
+    assert (cpu2.actors, cpu2.num_gpus, cpu2.num_cpus, cpu2.device, cpu2.torch_threads) == (1, 0, 1, "cpu", 2)
     assert cpu2.notes  # the clamp is reported
     cpu16 = plan_resources(config, {"CPU": 16.0})
-    assert (cpu16.actors, cpu16.num_cpus, cpu16.torch_threads) == (4, 3, 3)
+    assert (cpu16.actors, cpu16.num_cpus, cpu16.torch_threads) == (4, 3, 4)
     assert cpu16.actors * cpu16.num_cpus <= 15
+    two_nodes = plan_resources(config, {"CPU": 32.0}, nodes=2)  # 2 actors a node share its 16 cores
+    assert (two_nodes.actors, two_nodes.torch_threads) == (4, 8)
+    assert plan_resources(BatchConfig(manifest="m", output="o", torch_threads=1), {"CPU": 2.0}).torch_threads == 1
     gpu = plan_resources(config, {"CPU": 32.0, "GPU": 8.0})
     assert (gpu.actors, gpu.num_gpus, gpu.num_cpus, gpu.device) == (4, 1, 1, "cuda")
     assert plan_resources(config, {"CPU": 32.0, "GPU": 2.0}).actors == 2

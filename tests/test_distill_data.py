@@ -254,6 +254,61 @@ def test_prepare_batch_numpy_columns_and_all_bad(tiny_teacher):
     assert cropped.latents.shape == (1, 8, 16, 16) and cropped.mel.shape == (1, 64, 64)
 
 
+def test_prepare_batch_skips_rows_whose_conditioning_fails(tiny_teacher, monkeypatch):
+    """A row whose CLAP embedding cannot be made (the audio tower raises for it, or returns non-finite values) is
+    skipped and counted like an unreadable row; the batch keeps the other rows, in order, with their own conditions."""
+    config = DistillConfig(tiny_feature_network=True)
+    n = window_samples(tiny_teacher, None)
+    clips = {i: encoded(music_like(n / SR, seed=20 + i), SR) for i in range(5)}  # one window each: never cropped
+    clips[1] = encoded(np.zeros(n, np.float32), SR)  # silence: the stand-in tower below cannot embed it
+    poisoned = load_clip(clips[3], SR, n, None).numpy()  # the stand-in tower returns NaN for this clip
+    rows = {"audio": [clips[0], clips[1], clips[2], clips[3], b"junk", clips[4]],
+            "caption": ["", None, "fast drums", "", "x", "mellow guitar"]}
+    real_audio = external.encode_audio
+
+    def fragile_audio(c, waveforms, sample_rate, batch_size=32):
+        if any(not np.abs(w).any() for w in waveforms):
+            raise RuntimeError("the audio tower cannot take this clip")
+        emb = real_audio(c, waveforms, sample_rate, batch_size)
+        for j, w in enumerate(waveforms):
+            if np.array_equal(w, poisoned):
+                emb[j] = float("nan")
+        return emb
+
+    monkeypatch.setattr(external, "encode_audio", fragile_audio)
+    batch = prepare_batch(rows, tiny_teacher, config, None)
+    assert batch.size == 3 and batch.skipped == 3 and batch.audio_conditioned == 1
+    assert batch.cond.shape == (3, 512) and batch.mel.shape == (3, 128, 64) and batch.latents.shape == (3, 8, 32, 16)
+    assert any(r.startswith("row 1 (conditioning): RuntimeError: the audio tower cannot") for r in batch.reasons)
+    assert any(r.startswith("row 3 (conditioning): ") and "non-finite" in r for r in batch.reasons), batch.reasons
+    assert any(r.startswith("row 4 (audio bytes): ") for r in batch.reasons)
+    # Rows 0, 2, 5 in order: the same latents and mels as a batch of only those rows, and their own conditions.
+    monkeypatch.setattr(external, "encode_audio", real_audio)
+    good = prepare_batch({k: [v[i] for i in (0, 2, 5)] for k, v in rows.items()}, tiny_teacher, config, None)
+    torch.testing.assert_close(batch.latents, good.latents)
+    torch.testing.assert_close(batch.mel, good.mel)
+    torch.testing.assert_close(batch.cond, good.cond)
+    text, _ = external.encode_text(tiny_teacher, ["fast drums", "mellow guitar"])
+    torch.testing.assert_close(batch.cond[1:], text)
+    audio = external.encode_audio(tiny_teacher, [load_clip(clips[0], SR, n, None).numpy()], SR)
+    torch.testing.assert_close(batch.cond[0], audio[0], rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_batch_with_every_condition_failing_is_an_empty_batch(tiny_teacher, monkeypatch):
+    """Text conditioning that fails for every row leaves a batch of 0 rows, shaped like an all-unreadable batch."""
+    config = DistillConfig(tiny_feature_network=True)
+
+    def broken_text(c, prompts):
+        raise ValueError("tokenizer exploded")
+
+    monkeypatch.setattr(external, "encode_text", broken_text)
+    rows = {"audio": [encoded(music_like(1.0, seed=s), SR) for s in (1, 2)], "caption": ["calm piano", "fast drums"]}
+    batch = prepare_batch(rows, tiny_teacher, config, None)
+    assert batch.size == 0 and batch.skipped == 2 and batch.audio_conditioned == 0
+    assert batch.latents.shape == (0, 8, 32, 16) and batch.cond.shape == (0, 512) and batch.mel.shape == (0, 128, 64)
+    assert batch.reasons == [f"row {i} (conditioning): ValueError: tokenizer exploded" for i in (0, 1)]
+
+
 def test_latent_cache_reuses_whole_clips_only_and_changes_nothing(tiny_teacher):
     n = window_samples(tiny_teacher, None)
     whole = [encoded(music_like(n / SR, seed=s), SR) for s in (7, 8)]  # one window each: never cropped

@@ -296,7 +296,7 @@ def test_preflight_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_preflight_num_workers_and_storage(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            s3: SeaweedFS) -> None:
     manifest = local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}])
-    expect_usage_error(["--train-manifest", manifest, "--num-workers", "0"], capsys, "num_workers", ">= 1")
+    expect_usage_error(["--train-manifest", manifest, "--num-workers", "0"], capsys, "num_workers", "an integer in 1..")
     expect_usage_error(["--train-manifest", manifest, "--num-workers", "2", "--storage", str(tmp_path / "r")], capsys,
                        "1 rows", "--num-workers is 2")
     blocker = tmp_path / "file"
@@ -306,6 +306,85 @@ def test_preflight_num_workers_and_storage(tmp_path: Path, capsys: pytest.Captur
     err = expect_usage_error(["--train-manifest", manifest, "--storage", "s3://no-such-bucket/runs"], capsys,
                              "--storage", "no-such-bucket")
     assert s3.secret_key not in err and s3.access_key not in err
+
+
+def test_preflight_damaged_model_weights(tmp_path: Path, tiny_teacher_dir: str, broken_models: dict[str, str],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights that cannot load are refused before Ray, naming the flag and the component; --student-init gives
+    only its UNet, so only its UNet is checked."""
+    from musiccm.jobs.distill_preflight import preflight
+
+    store = ["--train-manifest", local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}]),
+             "--storage", str(tmp_path / "r")]
+    expect_usage_error(["--teacher", broken_models["unet_shape"], *store], capsys, "--teacher", "unet",
+                       "conv_in.weight")
+    expect_usage_error(["--teacher", broken_models["vae_truncated"], *store], capsys, "--teacher", "vae", "truncated")
+    expect_usage_error(["--teacher", tiny_teacher_dir, "--student-init", broken_models["unet_missing"], *store], capsys,
+                       "--student-init", "unet", "conv_in.bias")
+    args = ["--teacher", tiny_teacher_dir, "--student-init", broken_models["vae_truncated"], *store]
+    preflight(distill_args.to_config(distill_args.build_parser().parse_args(args)))
+
+
+def test_a_model_that_fails_to_load_in_the_workers_exits_2(tmp_path: Path, tiny_teacher_dir: str,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that fails only on the workers (a hub id missing from a node's cache, a file changed after the
+    preflight) ends the job with exit 2 and one line, not exit 1 (Ray Train hands the workers' ModelError over)."""
+    import ray
+    from ray.train import WorkerGroupError
+
+    from musiccm.jobs import distill_run
+
+    class Trainer:
+        def fit(self) -> None:
+            raise WorkerGroupError("[Rank 0 Error Snippet]: ...", {
+                0: model.ModelError("could not get model 'acme/tiny' from the local hub cache: not found"),
+                1: RuntimeError("peer gone")})
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray: the trainer is a stand-in
+    monkeypatch.setattr(distill_run, "build_trainer", lambda *a, **k: Trainer())
+    manifest = local_manifest(tmp_path, [{"uri": "a.wav", "caption": "x"}])
+    expect_usage_error(["--teacher", tiny_teacher_dir, "--train-manifest", manifest, "--storage",
+                        str(tmp_path / "r"), "--no-resource-check"], capsys,
+                       "a training worker could not load its model", "acme/tiny", "local hub cache")
+
+
+def test_preflight_refuses_a_teacher_whose_clap_cannot_embed_training_clips(
+        tmp_path: Path, tiny_teacher_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows without a caption are conditioned on their own CLAP audio embedding: a teacher whose CLAP cannot embed a
+    training-length clip (here its feature extractor makes 20 s inputs, twice what the HTSAT tower takes) is
+    refused when the manifest has such rows, and accepted when every row is captioned."""
+    import shutil
+
+    from musiccm.jobs.distill_preflight import preflight
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    fe = teacher / "feature_extractor" / "preprocessor_config.json"
+    fe.write_text(json.dumps({**json.loads(fe.read_text()), "max_length_s": 20, "nb_max_samples": 960_000}))
+    manifests = {}
+    for name, rows, schema in (
+        ("blank", [{"uri": "a.wav", "caption": "jazz"}, {"uri": "b.wav", "caption": "  "}], None),
+        ("null", [{"uri": "a.wav", "caption": "jazz"}, {"uri": "b.wav", "caption": None}], None),
+        ("no-column", [{"uri": "a.wav"}], pa.schema([("uri", pa.string())])),
+        ("captioned", [{"uri": "a.wav", "caption": "jazz"}, {"uri": "b.wav", "caption": "rock"}], None),
+    ):
+        (tmp_path / name).mkdir()
+        manifests[name] = local_manifest(tmp_path / name, rows, schema)
+    store = ["--teacher", str(teacher), "--storage", str(tmp_path / "r")]
+    for name in ("blank", "null"):
+        expect_usage_error([*store, "--train-manifest", manifests[name]], capsys,
+                           f"--teacher {teacher}: its CLAP audio tower cannot embed a training clip of 1.28 s",
+                           "swin input size", "caption every row or use a teacher whose CLAP takes that length")
+    expect_usage_error([*store, "--train-manifest", manifests["no-column"], "--crop-seconds", "0.64"], capsys,
+                       "cannot embed a training clip of 0.64 s")
+
+    def config(*argv: str) -> DistillConfig:
+        return distill_args.to_config(distill_args.build_parser().parse_args(list(argv)))
+
+    preflight(config(*store, "--train-manifest", manifests["captioned"]))  # text conditioning only: no CLAP audio
+    preflight(config("--teacher", tiny_teacher_dir, "--storage", str(tmp_path / "r"), "--train-manifest",
+                     manifests["blank"]))  # a CLAP that takes the length
 
 
 @pytest.mark.slow

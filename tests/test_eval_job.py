@@ -73,8 +73,8 @@ def write_batch_output(root: str, clips: list[tuple[str, str, np.ndarray]], step
         rows.append(batch_metrics.metric_row(
             request, waveform=wave, sample_rate=SR, audio=batch_metrics.AudioFile(uri, len(data), "-"),
             model={"name": name, "uri": DEFAULT_MODEL, "hash": "0123456789abcdef"},
-            guidance_scale=None, truncated=False, clap=None, generation_s=0.05 * steps, batch_clips=4, node_id="n",
-            device="cpu"))
+            guidance_scale=None, truncated=False, clap=None, generation_s=0.05 * steps, clap_s=0.0, batch_clips=4,
+            node_id="n", device="cpu"))
     rows.append({**rows[0], "id": "gone", "audio_uri": storage.join(root, "audio", "gone.flac")})  # no audio file
     writer.add(rows)
     writer.close()

@@ -96,3 +96,67 @@ def test_save_is_atomic_on_failure(tiny_teacher, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         model.save(tiny_teacher, target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_loadable_accepts_every_model_it_can_load(tiny_teacher_dir, tiny_student_dir):
+    """Saved teachers and students, and the bundled default (Griffin-Lim vocoder, float16 UNet), pass; only the
+    UNet is checked when asked."""
+    from musiccm.defaults import DEFAULT_MODEL
+
+    for directory in (tiny_teacher_dir, tiny_student_dir, DEFAULT_MODEL):
+        model.check_loadable(directory, directory)
+    model.check_loadable(tiny_teacher_dir, "t", components=("unet",))
+
+
+@pytest.mark.parametrize("broken, needles", [
+    ("unet_shape", ("unet", "conv_in.weight", "[32, 4, 3, 3]", "[32, 8, 3, 3]")),
+    ("unet_missing", ("unet", "missing", "conv_in.bias")),
+    ("vae_truncated", ("vae", "truncated")),
+    ("clap_missing", ("text_encoder", "missing", "text_projection.linear1.weight")),
+])
+def test_check_loadable_and_load_refuse_damaged_weights(broken_models, broken, needles):
+    """Weights that do not match their config (a tensor of another shape, a missing tensor) or a truncated file are
+    named before any weight is read: by check_loadable, and by load (which would otherwise fail with an unrelated
+    error, or, for CLAP, quietly leave the tensor random)."""
+    directory = broken_models[broken]
+    with pytest.raises(model.ModelError) as info:
+        model.check_loadable(directory, "m")
+    message = str(info.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+    with pytest.raises(model.ModelError, match=needles[0]):
+        model.load(directory)
+
+
+def test_check_loadable_names_unexpected_tensors_and_bad_files(tiny_teacher_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_teacher_dir, extra)
+    weights = extra / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["decoder.extra_layer.weight"] = torch.zeros(3)
+    save_file(tensors, weights)
+    with pytest.raises(model.ModelError, match=r"vae.*unexpected.*decoder\.extra_layer\.weight"):
+        model.check_loadable(str(extra), "m")
+    weights.write_bytes(b"\x00" * 5)  # shorter than a header
+    with pytest.raises(model.ModelError, match="vae.*truncated"):
+        model.check_loadable(str(extra), "m")
+    weights.write_bytes((12).to_bytes(8, "little") + b"not json!!!!")
+    with pytest.raises(model.ModelError, match="vae.*not a safetensors file"):
+        model.check_loadable(str(extra), "m")
+    scheduler = extra / "scheduler" / "scheduler_config.json"
+    scheduler.write_text('{"_class_name": "NoSuchScheduler"}')
+    with pytest.raises(model.ModelError, match="unknown scheduler class 'NoSuchScheduler'"):
+        model.check_loadable(str(extra), "m")
+    scheduler.write_text("{not json")
+    with pytest.raises(model.ModelError, match="scheduler_config.json"):
+        model.check_loadable(str(extra), "m")
+
+
+def test_check_loadable_is_fast(tiny_teacher_dir):
+    import time
+
+    model.check_loadable(tiny_teacher_dir, "warm-up")  # the first call imports the model classes
+    start = time.perf_counter()
+    model.check_loadable(tiny_teacher_dir, "t")
+    assert time.perf_counter() - start < 1.0

@@ -38,6 +38,8 @@ class BatchConfig:
     run_name: str = ""
     model: str = DEFAULT_MODEL  # MusicLDM-layout directory, s3:// prefix or hub id
     num_actors: int = 1  # one model replica each (one GPU each when the cluster has GPUs)
+    # Batches an actor works on at once: one generates (a lock), the others encode and write (1: in series).
+    calls_per_actor: int = 2
     batch_size: int = 8  # clips per generate() call for clips up to long_threshold_s
     long_batch_size: int = 1  # clips per call above long_threshold_s (crop fusion, memory ∝ duration)
     long_threshold_s: float = 20.0
@@ -76,6 +78,7 @@ class BatchConfig:
         need(self.run_name == "" or bool(RUN_NAME_RE.fullmatch(self.run_name)), "run_name",
              "1-128 characters of A-Z a-z 0-9 . _ - not starting with '.' (it names a directory)")
         need(_int_in(self.num_actors, 1, MAX_ACTORS), "num_actors", f"an integer in 1..{MAX_ACTORS}")
+        need(_int_in(self.calls_per_actor, 1, 8), "calls_per_actor", "an integer in 1..8 (1: generate, then write)")
         need(_int_in(self.batch_size, 1, MAX_BATCH), "batch_size", f"an integer in 1..{MAX_BATCH}")
         need(_int_in(self.long_batch_size, 1, MAX_BATCH), "long_batch_size", f"an integer in 1..{MAX_BATCH}")
         need(_positive(self.long_threshold_s, MAX_DURATION_S), "long_threshold_s",
@@ -199,9 +202,12 @@ class Resources:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_resources(config: BatchConfig, cluster: dict[str, float]) -> Resources:
-    """One GPU per actor when the cluster has GPUs; otherwise CPU actors leaving one CPU for other tasks."""
+def plan_resources(config: BatchConfig, cluster: dict[str, float], nodes: int = 1) -> Resources:
+    """One GPU per actor when the cluster has GPUs; otherwise CPU actors leaving one Ray CPU for other tasks, each
+    with torch threads for its share of a node's cores."""
     gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
+    nodes = max(1, nodes)
+    cpus_per_node = cpus / nodes
     wants_gpu = config.device is None or config.device.startswith("cuda")
     notes = []
     if gpus >= 1 and wants_gpu:
@@ -217,7 +223,9 @@ def plan_resources(config: BatchConfig, cluster: dict[str, float]) -> Resources:
         notes.append(f"--num-actors {config.num_actors} needs more than the {cpus:g} CPUs less one: using {actors}")
     share = spare / actors
     num_cpus = config.cpus_per_actor or (math.floor(share) if share >= 1 else round(share, 2))
-    # As many torch threads as Ray CPUs: more would spin against the other tasks (OpenMP barriers degrade badly
-    # when cores are oversubscribed).
-    threads = config.torch_threads or max(1, int(num_cpus))
+    # Torch threads: the actor's share of the node's cores, not of the Ray CPUs it reserves. The CPU kept free for
+    # Ray's own tasks sits idle while the actors generate (the rows are checked before generation starts), and a
+    # 2-core machine would otherwise generate on one core (measured: 0.60x a bare loop with 1 thread; see
+    # benchmarks/RESULTS.md, "Batch job throughput").
+    threads = config.torch_threads or max(1, int(cpus_per_node // max(1, math.ceil(actors / nodes))))
     return Resources(actors, 0, num_cpus, config.device or "cpu", threads, notes)

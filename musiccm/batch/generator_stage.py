@@ -5,6 +5,12 @@ group of rows that share (duration, steps, guidance) in one `MusicCM.generate` c
 clip straight to `{output}/audio/{id}.{format}` (atomic, deterministic key: a retried task
 overwrites the same object) and returns only metric rows. Audio never travels through Ray's
 object store. The class imports no Ray and runs the same in a plain loop.
+
+A pipeline inside the actor: the job runs `config.calls_per_actor` calls of one actor at once (Ray Data's
+threaded actors), and a lock lets one of them use the model at a time. While one batch generates, the
+batch before it is encoded (FLAC/WAV), hashed, measured and written by the I/O threads, so the
+accelerator does not wait for the CPU half. Each metric row records its clip's share of every stage
+(`generation_s`, `clap_s`, `encode_s`, `write_s`) for the summary's busy fraction.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
@@ -84,6 +91,7 @@ class GeneratorStage:
 
         quiet_libraries()
         retry.set_budget(config.storage_retry_s)  # this actor's storage calls ride out outages as configured
+        self.torch_threads = torch_threads
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = config
@@ -100,9 +108,14 @@ class GeneratorStage:
         self.node_id = node_identity()
         self.device_label = device_name(self.device)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="audio-write")
+        self._model_lock = threading.Lock()  # one generate() at a time; the other calls encode and write
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Checked manifest rows → stage rows (metric columns + `error`), one per input row."""
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)  # per calling thread: OpenMP settings are thread-local
         carried = pa.schema([f for f in batch.schema if f.name not in CHECKED.names])
         rows = batch.to_pylist()
         out: list[dict] = []
@@ -124,28 +137,32 @@ class GeneratorStage:
             max_timestep=self.config.max_timestep,
         )
         prompts = [r["prompt"] for r in rows]
-        start = time.perf_counter()
-        try:
-            self._check_steps(first["steps"])
-            result = self.generator.generate(prompts, duration, [r["seed"] for r in rows], cfg)
-        except Exception as exc:  # a bad group (OOM, odd duration, steps) must not sink the job: its rows fail
-            return [metrics.failure_row(r, exc, self.node_id, self.device_label) for r in rows]
-        rows = [{**r, "steps": result.config.steps} for r in rows]  # the steps used (a null row took the default)
         clap: list[float | None] = [None] * len(rows)
-        if self.config.clap_score:
+        with self._model_lock:  # 1. the model's part, one call at a time
+            start = time.perf_counter()
             try:
-                clap = metrics.clap_scores(self.components, prompts, result.waveforms, result.sample_rate)
-            except Exception:  # a metric must never cost the clip: the score stays null
-                pass
-        seconds = (time.perf_counter() - start) / len(rows)
-        # Encode and write concurrently (S3 latency); a StorageError here stops the job.
+                self._check_steps(first["steps"])
+                result = self.generator.generate(prompts, duration, [r["seed"] for r in rows], cfg)
+            except Exception as exc:  # a bad group (OOM, odd duration, steps) must not sink the job: its rows fail
+                return [metrics.failure_row(r, exc, self.node_id, self.device_label) for r in rows]
+            generated = time.perf_counter()
+            if self.config.clap_score:
+                try:
+                    clap = metrics.clap_scores(self.components, prompts, result.waveforms, result.sample_rate)
+                except Exception:  # a metric must never cost the clip: the score stays null
+                    pass
+            scored = time.perf_counter()
+        rows = [{**r, "steps": result.config.steps} for r in rows]  # the steps used (a null row took the default)
+        # 2. The CPU part, outside the lock: encode and write concurrently (S3 latency) while the next call
+        # generates. A StorageError that outlasts the retry budget stops the job.
         written = list(self._io.map(self._write, rows, list(result.waveforms), [result.sample_rate] * len(rows)))
         guidance = result.config.guidance_scale if self.uses_guidance else None
+        times = {"generation_s": (generated - start) / len(rows), "clap_s": (scored - generated) / len(rows)}
         return [
             metrics.metric_row(
                 row, waveform=wav, sample_rate=result.sample_rate, audio=audio, model=self.model_info,
-                guidance_scale=guidance, truncated=truncated, clap=score, generation_s=seconds,
-                batch_clips=len(rows), node_id=self.node_id, device=self.device_label,
+                guidance_scale=guidance, truncated=truncated, clap=score, batch_clips=len(rows),
+                node_id=self.node_id, device=self.device_label, **times,
             )
             for row, wav, audio, truncated, score in zip(
                 rows, result.waveforms, written, result.truncated, clap, strict=True
@@ -161,10 +178,14 @@ class GeneratorStage:
         """Encode one clip and write it atomically to its deterministic key."""
         tags = {"prompt": row["prompt"], "id": row["id"], "seed": row["seed"], "steps": row["steps"],
                 "model": self.model_info["name"], "model_hash": self.model_info["hash"]}
+        start = time.perf_counter()
         data = audio_io.encode(waveform, sample_rate, row["format"], tags)
+        digest = hashlib.sha256(data).hexdigest()
+        encoded = time.perf_counter()
         uri = storage.join(self.config.output, "audio", f"{row['id']}.{row['format']}")
         storage.write_bytes(uri, data)
-        return metrics.AudioFile(uri=uri, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        return metrics.AudioFile(uri=uri, bytes=len(data), sha256=digest, encode_s=encoded - start,
+                                 write_s=time.perf_counter() - encoded)
 
 
 def _sortable(value: object) -> tuple:

@@ -41,6 +41,9 @@ METRIC_SCHEMA = pa.schema(
         ("clap_score", pa.float64()),  # cosine(CLAP text, CLAP audio); null without an audio front end
         ("prompt_truncated", pa.bool_()),
         ("generation_s", pa.float64()),  # this clip's share of its generate() call
+        ("clap_s", pa.float64()),  # its share of the CLAP scoring after it
+        ("encode_s", pa.float64()),  # encoding and sha256 of this clip (CPU, beside the next generation)
+        ("write_s", pa.float64()),  # the storage write of its audio
         ("rtf", pa.float64()),  # real-time factor: generation_s / duration_s (< 1: faster than real time)
         ("batch_clips", pa.int32()),  # clips generated together in that call
         ("node_id", pa.string()),
@@ -62,6 +65,8 @@ class AudioFile:
     uri: str
     bytes: int
     sha256: str
+    encode_s: float = 0.0
+    write_s: float = 0.0
 
 
 def metric_schema(carried: pa.Schema) -> pa.Schema:
@@ -96,6 +101,7 @@ def metric_row(
     truncated: bool,
     clap: float | None,
     generation_s: float,
+    clap_s: float,
     batch_clips: int,
     node_id: str,
     device: str,
@@ -118,6 +124,9 @@ def metric_row(
         "clap_score": clap,
         "prompt_truncated": truncated,
         "generation_s": generation_s,
+        "clap_s": clap_s,
+        "encode_s": audio.encode_s,
+        "write_s": audio.write_s,
         "rtf": generation_s / duration if duration > 0 else None,
         "batch_clips": batch_clips,
         "node_id": node_id,
@@ -213,8 +222,12 @@ class ShardWriter:
 # ---------------------------------------------------------------- the driver side of a run
 
 
+STAGES = ("generation_s", "clap_s", "encode_s", "write_s")
+
+
 class Sink:
-    """Receives stage rows: metric rows → metric shards, failures → error rows; prints progress."""
+    """Receives stage rows: metric rows → metric shards, failures → error rows; prints progress; adds up where the
+    time went (:meth:`throughput`)."""
 
     def __init__(self, config: BatchConfig, attempt: str, total: int) -> None:
         self.config, self.total = config, total
@@ -225,6 +238,8 @@ class Sink:
         self.model_hash: str | None = None
         self.started = time.monotonic()
         self._last_print = 0.0
+        self.stage_s = dict.fromkeys(STAGES, 0.0)  # summed over clips: each clip's share of its batch's stages
+        self._batches: list[tuple[float, float, int, float]] = []  # (finished, audio s, clips, model s) per batch
 
     def add(self, batch: pa.Table) -> None:
         failed = pc.is_valid(batch.column("error"))
@@ -238,6 +253,14 @@ class Sink:
                     self.config.metrics_rows_per_shard, self.config.metrics_flush_s)
             rows = ok.to_pylist()
             self.writer.add(rows)
+            fresh = [r for r in rows if r["id"] not in self.generated]  # a retried clip's time counts once
+            for row in fresh:
+                for stage in STAGES:
+                    self.stage_s[stage] += row.get(stage) or 0.0
+            model_s = sum((r.get("generation_s") or 0.0) + (r.get("clap_s") or 0.0) for r in fresh)
+            if fresh:  # when the actor finished the batch (its own clock: arrival at the driver can lag)
+                done = max(r["finished_at"] for r in fresh).timestamp()
+                self._batches.append((done, sum(r["duration_s"] for r in fresh), len(fresh), model_s))
             for row in rows:
                 self.generated[row["id"]] = row["duration_s"]
                 self.failures.pop(row["id"], None)
@@ -248,6 +271,29 @@ class Sink:
         if self.writer is not None:
             self.writer.close()
         self.progress(force=True)
+
+    def throughput(self, actors: int) -> dict:
+        """Where the time went and the steady-state rate, for the summary.
+
+        `stage_seconds` add up each clip's share of its batch's stages (model: generation, CLAP; CPU: encode,
+        write). Steady state runs from the first batch an actor finished to the last (by the rows' `finished_at`),
+        so actor start-up and model loading fall before it; it counts the clips of every later batch, and the
+        actors' busy fraction is their model time over actors x its length.
+        """
+        out: dict = {"stage_seconds": {k.removesuffix("_s"): round(v, 3) for k, v in self.stage_s.items()},
+                     "steady_state": None}
+        batches = sorted(self._batches)
+        if len(batches) >= 2:
+            later = batches[1:]
+            span = batches[-1][0] - batches[0][0]
+            audio, clips, model_s = (sum(a[i] for a in later) for i in (1, 2, 3))
+            out["steady_state"] = {
+                "seconds": round(span, 3), "clips": clips, "audio_seconds": round(audio, 3),
+                "clips_per_s": round(clips / span, 4) if span > 0 else None,
+                "x_real_time": round(audio / span, 3) if span > 0 else None,
+                "actor_busy_fraction": round(model_s / (actors * span), 4) if span > 0 and actors else None,
+            }
+        return out
 
     def progress(self, force: bool = False) -> None:
         now = time.monotonic()

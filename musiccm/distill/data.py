@@ -4,8 +4,9 @@ Every row goes through MusicLDM's own data path: decode (soundfile) → downmix 
 rate → random crop / zero-pad to the training window → DC removal and peak normalisation to 0.5
 (AudioLDM/MusicLDM ``normalize_wav``) → log-mel (:mod:`musiccm.mel`) → frozen VAE encoder × scaling_factor.
 The condition is the CLAP text embedding of the caption, or, for a row without caption, the clip's own
-CLAP audio embedding (MusicLDM was trained on audio embeddings). A row that cannot be read or decoded is
-skipped and counted with its reason; it never stops the run.
+CLAP audio embedding (MusicLDM was trained on audio embeddings). A row that cannot be read or decoded, or
+whose embedding fails (the CLAP tower raises for it, or gives non-finite values), is skipped and counted with
+its reason; it never stops the run.
 
 A clip no longer than the window is never cropped, so its latents are the same every epoch: a
 :class:`LatentCache` keeps them (keyed by the SHA-256 of the clip's bytes) and the VAE encoder, most of a
@@ -18,6 +19,7 @@ import hashlib
 import io
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 
 from musiccm import external, storage
 from musiccm.distill.config import DistillConfig
+from musiccm.geometry import AudioGeometry
 from musiccm.mel import MelConfig, fit_frames, log_mel
 from musiccm.model import MusicLDMComponents
 
@@ -83,7 +86,11 @@ class PreparedBatch:
 
 def window_samples(frozen: MusicLDMComponents, crop_seconds: float | None) -> int:
     """Samples of one training crop: a whole number of latent frames (the UNet's multiple) in samples."""
-    g = frozen.geometry
+    return crop_samples(frozen.geometry, crop_seconds)
+
+
+def crop_samples(g: AudioGeometry, crop_seconds: float | None) -> int:
+    """:func:`window_samples` from a model's geometry (e.g. read from its configs, no model loaded)."""
     latent = g.window_frames if crop_seconds is None else g.latent_frames(crop_seconds)
     return latent * g.vae_factor * g.hop_length
 
@@ -251,6 +258,7 @@ def prepare_batch(
     waves: list[torch.Tensor] = []
     captions: list[str] = []
     keys: list[str | None] = []
+    source: list[int] = []  # the row each clip came from
     reasons: list[str] = []
     # 1. Decode, downmix, crop, resample, normalise: one row at a time, never raising for a bad row.
     for i in range(n_rows):
@@ -265,6 +273,13 @@ def prepare_batch(
         waves.append(wav)
         captions.append(_caption(rows, i))
         keys.append(key)
+        source.append(i)
+    # 2. Conditions: CLAP text embedding of the caption, else the clip's own CLAP audio embedding. A clip whose
+    #    embedding fails (or is not finite) is skipped and counted like an unreadable row.
+    conds, failed = conditions(frozen, waves, captions, g.sample_rate)
+    reasons += [_fail(source[j], "conditioning", exc) for j, exc in sorted(failed.items())]
+    kept = [j for j in range(len(waves)) if j not in failed]
+    waves, captions, keys = [waves[j] for j in kept], [captions[j] for j in kept], [keys[j] for j in kept]
     device = frozen.device
     latent_shape = (0, g.latent_channels, n_frames // g.vae_factor, g.latent_bins)
     if not waves:
@@ -272,23 +287,52 @@ def prepare_batch(
         cond_dim = int(frozen.unet.config.projection_class_embeddings_input_dim or 512)
         return PreparedBatch(empty, torch.zeros(0, cond_dim, device=device), torch.zeros(0, n_frames, g.n_mels,
                              device=device), len(reasons), reasons)
+    cond = torch.stack([conds[j] for j in kept]).float().to(device)
     wav = torch.stack(waves).to(device)  # (B, S)
-    # 2. MusicLDM log-mel, cropped to the window (the centred STFT gives one extra frame).
+    # 3. MusicLDM log-mel, cropped to the window (the centred STFT gives one extra frame).
     mel = fit_frames(log_mel(wav, mel_cfg), n_frames)  # (B, T, n_mels)
-    # 3. Frozen VAE encoder (posterior mode) × scaling_factor, or the cache's copy of it.
+    # 4. Frozen VAE encoder (posterior mode) × scaling_factor, or the cache's copy of it.
     latents, cached = encode_cached(frozen, mel, keys, cache)  # (B, C, T/4, F/4)
-    # 4. Conditions: CLAP text embedding of the caption, else the clip's own CLAP audio embedding.
-    text_idx = [i for i, c in enumerate(captions) if c]
-    audio_idx = [i for i, c in enumerate(captions) if not c]
-    parts: dict[int, torch.Tensor] = {}
-    if text_idx:
-        emb, _ = external.encode_text(frozen, [captions[i] for i in text_idx])
-        parts.update({i: e for i, e in zip(text_idx, emb, strict=True)})
-    if audio_idx:
-        emb = external.encode_audio(frozen, [waves[i].numpy() for i in audio_idx], g.sample_rate)
+    return PreparedBatch(latents, cond, mel.float(), len(reasons), reasons,
+                         audio_conditioned=sum(not c for c in captions), cached=cached)
+
+
+def conditions(frozen: MusicLDMComponents, waves: list[torch.Tensor], captions: list[str],
+               sample_rate: int) -> tuple[dict[int, torch.Tensor], dict[int, BaseException]]:
+    """Each clip's condition (index → (D,)): the CLAP text embedding of its caption, or without one its own CLAP
+    audio embedding; and the clips whose embedding failed (index → the reason). Never raises for a bad clip."""
+
+    def text(ids: list[int]) -> torch.Tensor:
+        return external.encode_text(frozen, [captions[i] for i in ids])[0]
+
+    def audio(ids: list[int]) -> torch.Tensor:
+        emb = external.encode_audio(frozen, [waves[i].numpy() for i in ids], sample_rate)
         if emb is None:  # no CLAP audio front end: fall back to the unconditional ("") embedding
-            emb = external.encode_text(frozen, [""])[0].expand(len(audio_idx), -1)
-        parts.update({i: e for i, e in zip(audio_idx, emb, strict=True)})
-    cond = torch.stack([parts[i] for i in range(len(waves))]).float().to(device)
-    return PreparedBatch(latents, cond, mel.float(), len(reasons), reasons, audio_conditioned=len(audio_idx),
-                         cached=cached)
+            emb = external.encode_text(frozen, [""])[0].expand(len(ids), -1)
+        return emb
+
+    failed: dict[int, BaseException] = {}
+    conds = _embed(text, [i for i, c in enumerate(captions) if c], "text", failed)
+    conds.update(_embed(audio, [i for i, c in enumerate(captions) if not c], "audio", failed))
+    return conds, failed
+
+
+def _embed(embed: Callable[[list[int]], torch.Tensor], ids: list[int], kind: str,
+           failed: dict[int, BaseException]) -> dict[int, torch.Tensor]:
+    """``embed`` of all ``ids`` in one call; when that raises, one id at a time. An id whose embedding raises or is
+    not finite goes into ``failed`` with the reason instead."""
+    if not ids:
+        return {}
+    try:
+        out = dict(zip(ids, embed(ids), strict=True))
+    except Exception:  # some clip breaks the batch: find which, keep the others
+        out = {}
+        for i in ids:
+            try:
+                out[i] = embed([i])[0]
+            except Exception as exc:
+                failed[i] = exc
+    for i in [i for i, e in out.items() if not bool(torch.isfinite(e).all())]:
+        failed[i] = ValueError(f"non-finite CLAP {kind} embedding")
+        del out[i]
+    return out

@@ -116,9 +116,11 @@ def _inspect_model(uri: str) -> dict:
             index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
         except storage.StorageError as exc:
             raise ModelError(f"model {uri}: cannot read model_index.json ({str(exc).partition(': ')[2]})") from None
+        model.check_loadable(uri, uri)  # configs and safetensors headers only (ranged reads), no weights
     elif os.path.exists(os.path.expanduser(uri)):
         info["uri"] = os.path.abspath(os.path.expanduser(uri))  # readable from any working directory
         directory = model.resolve(uri)
+        model.check_loadable(directory, uri)  # what the actors' load would refuse, refused before Ray starts
         index = json.loads(open(os.path.join(directory, "model_index.json")).read())
         info["hash"] = model.content_hash(directory)
     else:
@@ -199,7 +201,11 @@ def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink, le
             batch_format="pyarrow",
             # Ray Data's actor pools restart dead actors and retry their tasks without limit by default
             # (max_restarts=-1, max_task_retries=-1): a SIGKILLed actor's batch is redone at the same keys.
-            compute=ray.data.ActorPoolStrategy(size=min(res.actors, len(blocks))),
+            # Threaded actors: calls_per_actor batches at once, generation serialised by the stage's own lock, so
+            # encoding and writing one batch overlaps generating the next (1: strictly one call at a time).
+            compute=ray.data.ActorPoolStrategy(
+                size=min(res.actors, len(blocks)), max_concurrent_calls_per_actor=config.calls_per_actor,
+                enable_true_multi_threading=config.calls_per_actor > 1),
             num_gpus=res.num_gpus or None,
             num_cpus=res.num_cpus,
         )
@@ -340,7 +346,7 @@ def _run_owned(config: BatchConfig, attempt: str, started: datetime, t0: float, 
         if nodes > 1 and not storage.is_s3(config.output):
             raise ValueError(f"--output {config.output} is a local path but the Ray cluster has {nodes} nodes: "
                              "actors on other nodes would write to their own disks; use an s3:// output")
-        res = plan_resources(config, ray.cluster_resources())
+        res = plan_resources(config, ray.cluster_resources(), nodes)
         for note in res.notes:
             print(f"[batch] note: {note}", flush=True)
         sink = Sink(config, attempt, work.todo.num_rows)
@@ -379,11 +385,12 @@ def make_summary(
         "status": status, "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
         "counts": counts, "audio_seconds": audio, "wall_seconds": wall,
         "audio_seconds_per_second": audio / wall if wall > 0 else 0.0,
+        "throughput": sink.throughput(res.actors),
         "resume": {"recorded": work.state.recorded, "missing_audio": work.state.missing_audio,
                    "mismatched": work.state.mismatched},
         "model": model_info,
         "ray": {"actors": res.actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus, "device": res.device,
-                "torch_threads": res.torch_threads},
+                "torch_threads": res.torch_threads, "calls_per_actor": config.calls_per_actor},
         "config": config.to_dict(), "versions": versions(),
     }
     if model_info.get("trained") is False:
@@ -403,6 +410,10 @@ def summary_table(summary: dict) -> str:
         f"{summary['wall_seconds']:.1f} s = {summary['audio_seconds_per_second']:.2f} audio-s/s",
         f"status       {summary['status']}",
     ]
+    steady = summary.get("throughput", {}).get("steady_state")
+    if steady and steady["clips_per_s"] is not None:
+        lines.insert(-1, f"steady state {steady['clips_per_s']:.3f} clips/s = {steady['x_real_time']:.1f}x real time "
+                         f"over {steady['clips']} clips; actors busy {100 * steady['actor_busy_fraction']:.0f} %")
     if summary.get("warning"):
         lines.append(f"WARNING      {summary['warning']}")
     return "\n".join(lines)
@@ -422,6 +433,20 @@ def root_cause(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
+def actor_model_error(exc: BaseException) -> str | None:
+    """The message of the ModelError that killed an actor in its constructor (`GeneratorStage.__init__` loads the
+    model), or None for any other failure.
+
+    Ray Data re-raises the actor's death as an `ActorDiedError` (`actor_init_failed`) whose text holds the
+    constructor's traceback, ending in `musiccm.model.ModelError: ...` (see `root_cause`).
+    """
+    text, cause = str(exc), root_cause(exc)
+    died_in_init = getattr(exc, "actor_init_failed", False) or "raised in its creation task" in text
+    if died_in_init and cause.startswith("ModelError: ") and "musiccm.model.ModelError: " in text:
+        return cause.removeprefix("ModelError: ")
+    return None
+
+
 def run_job(config: BatchConfig) -> int:
     """Run and print; exit code 0 ok, 1 failed clips or --strict rejections, 2 unusable input/output/model."""
     try:
@@ -433,6 +458,11 @@ def run_job(config: BatchConfig) -> int:
         print(f"batch_generate: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except Exception as exc:  # a task failed for good (e.g. a permanent storage error inside an actor)
+        unusable = actor_model_error(exc)
+        if unusable is not None:  # e.g. a hub id missing from the actors' cache with --local-files-only
+            print(f"batch_generate: error: model {config.model}: the actors could not load it: "
+                  f"{storage.redact(unusable)}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
         print(f"batch_generate: error: generation stopped: {storage.redact(root_cause(exc))}. Clips written so "
               "far are kept; rerun the same command to resume.", file=sys.stderr, flush=True)
         return EXIT_FAILED

@@ -1,20 +1,24 @@
 """Checks of a distillation job before any Ray worker starts: each failure is one line, no traceback.
 
-Order: the config itself, the teacher (a MusicLDM layout with UNet weights), the --student-init model if
-any (the same, with the teacher's UNet architecture), the manifest (a readable
+Order: the config itself, the teacher (a MusicLDM layout whose configs and safetensors headers say it loads), the
+--student-init model if any (the teacher's UNet architecture, UNet weights that load), the manifest (a readable
 Parquet schema with `uri`/`audio` and at least one row), the storage (a probe write under the run
-directory and the export location), then the cluster (GPUs for --use-gpu, CPU headroom for Ray Data).
+directory and the export location), the teacher's CLAP when some row has no caption (it must embed a silent
+training-length clip: such rows are conditioned on their own audio), then, once Ray is up, the cluster (GPUs for
+--use-gpu, CPU headroom for Ray Data).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from musiccm import model, storage
@@ -66,9 +70,10 @@ def run_uri(config: DistillConfig) -> str:
     return storage.join(config.storage, config.name)
 
 
-def check_model(path_or_id: str, flag: str) -> str:
+def check_model(path_or_id: str, flag: str, components: Iterable[str] = model.REQUIRED) -> str:
     """The model's local directory; PreflightError (naming ``flag``) unless it is a MusicLDM layout with UNet
-    weights."""
+    weights whose ``components`` would load (:func:`musiccm.model.check_loadable`: configs and safetensors headers,
+    no weights)."""
     try:
         directory = model.resolve(path_or_id)
     except (model.ModelError, storage.StorageError, ValueError) as exc:
@@ -78,20 +83,30 @@ def check_model(path_or_id: str, flag: str) -> str:
     if not os.path.isfile(os.path.join(unet, "config.json")) or not has_weights:
         raise PreflightError(f"{flag} {path_or_id!r}: unet/ has no config.json or no .safetensors weights; "
                              "need a MusicLDM-layout model with UNet weights in safetensors")
+    require_loadable(directory, path_or_id, flag, components)
     return directory
 
 
+def require_loadable(directory: str, path_or_id: str, flag: str, components: Iterable[str]) -> None:
+    """PreflightError (naming ``flag``) unless :func:`musiccm.model.check_loadable` passes."""
+    try:
+        model.check_loadable(directory, path_or_id, components)
+    except model.ModelError as exc:
+        raise PreflightError(f"{flag}: {exc}") from None
+
+
 def check_student_init(config: DistillConfig, teacher_dir: str) -> None:
-    """--student-init: a MusicLDM layout with UNet weights whose UNet config has the architecture of the teacher
-    in ``teacher_dir`` (as :func:`check_model` returned it)."""
+    """--student-init: a MusicLDM layout whose UNet config has the architecture of the teacher in ``teacher_dir``
+    (as :func:`check_model` returned it) and whose UNet weights would load (only its UNet is used)."""
     if not config.student_init:
         return
-    theirs, ours = (json.loads(Path(d, "unet", "config.json").read_text())
-                    for d in (check_model(config.student_init, "--student-init"), teacher_dir))
+    init_dir = check_model(config.student_init, "--student-init", components=())
+    theirs, ours = (json.loads(Path(d, "unet", "config.json").read_text()) for d in (init_dir, teacher_dir))
     differ = model.unet_differences(theirs, ours)
     if differ:
         raise PreflightError(f"--student-init {config.student_init!r}: its UNet differs from the teacher's "
                              f"({differ}); need a UNet of the teacher's architecture")
+    require_loadable(init_dir, config.student_init, "--student-init", ("unet",))
 
 
 def check_manifest(uri: str) -> ManifestInfo:
@@ -118,6 +133,58 @@ def check_manifest(uri: str) -> ManifestInfo:
     if rows == 0:
         raise PreflightError(f"--train-manifest {uri}: the manifest has 0 rows; need at least one training clip")
     return ManifestInfo(path=path, rows=rows, files=files, columns=tuple(schema.names))
+
+
+def has_uncaptioned_rows(uri: str, info: ManifestInfo) -> bool:
+    """Whether a row has no caption (no `caption` column, or a null or blank one): such rows are conditioned on
+    their own CLAP audio embedding. Reads only the caption column, up to the first such row."""
+    if "caption" not in info.columns:
+        return True
+    fs, _ = storage.pyarrow_fs(uri)
+    try:
+        for batch in pads.dataset(info.path, filesystem=fs, format="parquet").to_batches(columns=["caption"]):
+            captions = batch.column(0)
+            if captions.null_count or (len(captions) and pa.types.is_null(captions.type)):
+                return True
+            if len(captions) and pc.any(pc.equal(pc.utf8_trim_whitespace(captions), "")).as_py():
+                return True
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PreflightError(f"--train-manifest {uri}: cannot read its captions ({first})") from None
+    return False
+
+
+def check_teacher_clap(config: DistillConfig, teacher_dir: str) -> None:
+    """The teacher's CLAP must embed a training clip (a silent one of the crop length): a row without a caption is
+    conditioned on its own CLAP audio embedding. Loads only CLAP and its feature extractor, on the CPU."""
+    import numpy as np
+    import torch
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    from musiccm import external
+    from musiccm.distill.data import crop_samples
+    from musiccm.geometry import AudioGeometry
+    from musiccm.logs import quiet_libraries
+
+    if not os.path.isdir(os.path.join(teacher_dir, "feature_extractor")):
+        return  # no CLAP audio front end: such rows get the unconditional embedding instead
+    geometry = AudioGeometry.from_configs(*(json.loads(Path(teacher_dir, c, "config.json").read_text())
+                                            for c in ("unet", "vae", "vocoder")))
+    n = crop_samples(geometry, config.crop_seconds)
+    quiet_libraries()  # no loading progress bars in the job's output
+    try:
+        clap = model.MusicLDMComponents(
+            unet=None, vae=None, tokenizer=None, vocoder=None, scheduler=None,
+            text_encoder=ClapModel.from_pretrained(teacher_dir, subfolder="text_encoder", use_safetensors=True).eval(),
+            feature_extractor=ClapFeatureExtractor.from_pretrained(teacher_dir, subfolder="feature_extractor"))
+        embedding = external.encode_audio(clap, [np.zeros(n, np.float32)], geometry.sample_rate)
+        if embedding is not None and not bool(torch.isfinite(embedding).all()):
+            raise ValueError("the embedding has non-finite values")
+    except Exception as exc:  # whatever the tower raises is the reason
+        cause = " ".join(str(exc).split()) or "no message"
+        raise PreflightError(f"--teacher {config.teacher}: its CLAP audio tower cannot embed a training clip of "
+                             f"{n / geometry.sample_rate:g} s ({type(exc).__name__}: {cause}); caption every row or "
+                             "use a teacher whose CLAP takes that length") from None
 
 
 def check_storage(config: DistillConfig) -> None:
@@ -153,7 +220,8 @@ def check_cluster(config: DistillConfig, cpus_per_worker: float, resources: dict
 def preflight(config: DistillConfig) -> tuple[DistillConfig, ManifestInfo]:
     """All checks that need no Ray: returns the config with resolved locations and the manifest facts."""
     config = resolve_locations(config)
-    check_student_init(config, check_model(config.teacher, "--teacher"))
+    teacher_dir = check_model(config.teacher, "--teacher")
+    check_student_init(config, teacher_dir)
     if config.audiomae_path and not os.path.isfile(config.audiomae_path):
         raise PreflightError(f"--audiomae-path {config.audiomae_path}: no such file; need a local .safetensors file")
     info = check_manifest(config.train_manifest)
@@ -161,4 +229,6 @@ def preflight(config: DistillConfig) -> tuple[DistillConfig, ManifestInfo]:
         raise PreflightError(f"--train-manifest has {info.rows} rows but --num-workers is {config.num_workers}: "
                              "every worker needs at least one row per epoch")
     check_storage(config)
+    if has_uncaptioned_rows(config.train_manifest, info):  # the slowest check (loads CLAP): last
+        check_teacher_clap(config, teacher_dir)
     return config, info

@@ -30,6 +30,7 @@ from musiccm.distill.config import DistillConfig
 from musiccm.jobs import checkpoints
 from musiccm.jobs.distill_loop import train_loop_per_worker
 from musiccm.jobs.distill_preflight import ManifestInfo, run_uri
+from musiccm.model import ModelError
 
 SUMMARY_METRICS = ("step", "epoch", "attempt", "resumed_from", "distill_loss", "adv_g_loss", "adv_d_loss", "r1", "lr",
                    "samples", "skipped_rows", "samples_per_s", "samples_per_s_per_worker")
@@ -74,6 +75,16 @@ def describe_error(error: BaseException, limit: int = 600) -> str:
     causes = [ln for ln in lines[1:] if re.match(r"^[\w.]*(Error|Exception)\b|^A worker .* failed", ln)]
     text = " | ".join([f"{type(error).__name__}: {lines[0] if lines else ''}", *dict.fromkeys(causes)])
     return text[:limit]
+
+
+def model_failure(error: BaseException | None) -> str | None:
+    """The message (one line) of a ModelError a worker raised loading the teacher or --student-init, or None for any
+    other failure. Ray Train hands each rank's exception over in ``WorkerGroupError.worker_failures``."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        if isinstance(failures[rank], ModelError):
+            return " ".join(str(failures[rank]).split())
+    return None
 
 
 def worker_node_ids(checkpoint: str) -> list[str]:
