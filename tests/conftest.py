@@ -95,3 +95,21 @@ def broken_models(tiny_teacher_dir, tmp_path_factory) -> dict[str, str]:
     del tensors["text_projection.linear1.weight"]
     save_file(tensors, clap, metadata={"format": "pt"})
     return out
+
+
+@pytest.fixture
+def restartable_s3(tmp_path, monkeypatch):
+    """A SeaweedFS server on a fixed port and data directory, so a test can stop it (an outage) and start it
+    again with the same objects; buckets `data`, `gen`, `runs`; the AWS environment points at it."""
+    from musiccm.testing.seaweed import SeaweedFS, free_ports
+
+    server = SeaweedFS(data_dir=str(tmp_path / "weed"), port=free_ports(1)[0])
+    server.start()
+    try:
+        for bucket in ("data", "gen", "runs"):
+            server.make_bucket(bucket)
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield server
+    finally:
+        server.stop()

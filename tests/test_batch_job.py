@@ -39,7 +39,7 @@ from musiccm.batch.config import MAX_TEACHER_STEPS, BatchConfig
 from musiccm.batch.generator_stage import GeneratorStage
 from musiccm.batch.manifest import check_batch
 from musiccm.defaults import DEFAULT_MODEL
-from musiccm.jobs.batch import claim_output, inspect_model
+from musiccm.jobs.batch_preflight import claim_output, inspect_model
 from musiccm.results import read_errors, read_metrics, read_summary, results_main
 from musiccm.testing.seaweed import SeaweedFS, free_ports, worker_port_ranges
 

@@ -192,7 +192,7 @@ def test_default_steps_resolve_per_model_kind() -> None:
 
 def test_model_kind_is_read_from_model_index_scheduler() -> None:
     from musiccm.defaults import DEFAULT_MODEL
-    from musiccm.jobs.batch import inspect_model, is_consistency
+    from musiccm.jobs.batch_preflight import inspect_model, is_consistency
 
     assert is_consistency({"scheduler": ["diffusers", "LCMScheduler"]}) is True
     assert is_consistency({"scheduler": ["diffusers", "DDIMScheduler"]}) is False

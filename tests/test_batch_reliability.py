@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -55,24 +54,9 @@ def local_env() -> dict[str, str]:
 # ---------------------------------------------------------------- 1. a storage outage mid-run
 
 
-@pytest.fixture
-def restartable_s3(tmp_path: Path) -> Iterator[SeaweedFS]:
-    """SeaweedFS on a fixed port and data directory, so it can be stopped and started again."""
-    server = SeaweedFS(data_dir=str(tmp_path / "weed"), port=free_ports(1)[0])
-    server.start()
-    try:
-        server.make_bucket("data")
-        server.make_bucket("gen")
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
 def test_a_15_s_outage_of_s3_is_ridden_out(restartable_s3: SeaweedFS, untrained_student_dir: str,
-                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in restartable_s3.env.items():
-        monkeypatch.setenv(key, value)
+                                            tmp_path: Path) -> None:
     manifest_uri = write_manifest("s3://data/outage/prompts.parquet", ROWS)
     output = "s3://gen/outage"
     log = tmp_path / "outage.log"
@@ -213,12 +197,9 @@ def test_live_stale_and_taken_over_leases(tmp_path: Path) -> None:
     other.release()
 
 
-def test_two_owners_race_on_s3(restartable_s3: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_owners_race_on_s3(restartable_s3: SeaweedFS) -> None:
     """On S3 the lease is an If-None-Match create: of many simultaneous takers exactly one wins."""
     from concurrent.futures import ThreadPoolExecutor
-
-    for key, value in restartable_s3.env.items():
-        monkeypatch.setenv(key, value)
 
     def take(i: int) -> str:
         try:

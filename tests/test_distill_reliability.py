@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,7 +20,7 @@ import pytest
 from test_distill_job import API_SERVER_ENV, SCRIPT, distill, training_rows, write_manifest
 
 from musiccm import storage
-from musiccm.testing.seaweed import SeaweedFS, free_ports
+from musiccm.testing.seaweed import SeaweedFS
 
 
 def expect_refused(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -61,27 +60,13 @@ def test_credentials_in_a_uri_are_refused_masked(flag: str, tmp_path: Path, tiny
     assert "wJalrXUtnFEMI" not in err and "AKIAIOSFODNN7EXAMPLE" not in err
 
 
-@pytest.fixture
-def restartable_s3(tmp_path: Path) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(data_dir=str(tmp_path / "weed"), port=free_ports(1)[0])
-    server.start()
-    try:
-        server.make_bucket("data")
-        server.make_bucket("runs")
-        yield server
-    finally:
-        server.stop()
-
-
 def checkpoints(run: str) -> list[str]:
     return sorted({u.split("/checkpoint-")[1].split("/")[0] for u in storage.list_files(run) if "/checkpoint-" in u})
 
 
 @pytest.mark.slow
 def test_a_15_s_outage_of_s3_during_training_is_ridden_out(restartable_s3: SeaweedFS, tiny_teacher_dir: str,
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in restartable_s3.env.items():
-        monkeypatch.setenv(key, value)
+                                                           tmp_path: Path) -> None:
     write_manifest("s3://data/train.parquet", training_rows())  # bytes rows and S3-uri rows
     run = "s3://runs/outage/o1"
     argv = [sys.executable, str(SCRIPT), "--teacher", tiny_teacher_dir, "--train-manifest", "s3://data/train.parquet",
