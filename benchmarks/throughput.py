@@ -61,11 +61,27 @@ def bare_loop(gen: MusicCM, items: list[dict], batch_size: int, steps: int) -> d
     return {"clips": clips, "seconds": round(seconds, 3), "clips_per_s": clips / seconds}
 
 
-def run_job(manifest: str, out: str, model_uri: str, batch_size: int, steps: int, calls: int, device: str) -> dict:
+RANDOM = ("full", "full-teacher", "tiny", "tiny-teacher")
+
+
+def random_model(kind: str, directory: str) -> str:
+    """`full` / `full-teacher` (`tiny` / `tiny-teacher` for smoke runs): the MusicLDM architecture with random
+    weights, saved as a student (LCM) or as the DDIM teacher, for the job to load like any model."""
+    from musiccm.build import build_components
+    from musiccm.student import as_student
+
+    teacher = build_components(kind.removesuffix("-teacher"), seed=0)
+    components = teacher if kind.endswith("-teacher") else as_student(teacher)
+    info = {"name": f"random-{kind}", "trained": False, "note": "random weights: a speed measurement only"}
+    return str(model.save(components, Path(directory) / kind, extra=info))
+
+
+def run_job(manifest: str, out: str, model_uri: str, batch_size: int, steps: int, calls: int, device: str,
+            dtype: str) -> dict:
     """The batch job in a subprocess; its summary's throughput section and wall time."""
     cmd = [sys.executable, str(REPO / "ray_jobs" / "batch_generate.py"), "--manifest", manifest, "--output", out,
            "--model", model_uri, "--batch-size", str(batch_size), "--default-steps", str(steps),
-           "--calls-per-actor", str(calls), "--device", device, "--progress-s", "30"]
+           "--calls-per-actor", str(calls), "--device", device, "--dtype", dtype, "--progress-s", "30"]
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
@@ -89,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.24)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a model directory, or full / full-teacher: the full-size "
+                   "architecture with random weights, as a student or as the DDIM teacher (give --steps 50); tiny / "
+                   "tiny-teacher for smoke runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the job's --dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--calls", type=int, nargs="+", default=[1, 2], help="--calls-per-actor values to run the job with")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak (H100 SXM dense bf16: 989)")
@@ -105,16 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.device_count())})
     if res.torch_threads:
         torch.set_num_threads(res.torch_threads)
-    gen = MusicCM(model.load(args.model, device=args.device))
+    model_uri = random_model(args.model, work) if args.model in RANDOM else args.model
+    gen = MusicCM(model.load(model_uri, device=args.device, dtype=getattr(torch, args.dtype)))
     loops = [bare_loop(gen, items, args.batch_size, args.steps)]
-    jobs = [run_job(manifest, os.path.join(work, f"out-{c}"), args.model, args.batch_size, args.steps, c,
-                    args.device) for c in args.calls]
+    jobs = [run_job(manifest, os.path.join(work, f"out-{c}"), model_uri, args.batch_size, args.steps, c,
+                    args.device, args.dtype) for c in args.calls]
     loops.append(bare_loop(gen, items, args.batch_size, args.steps))
     loop_rate = sum(r["clips_per_s"] for r in loops) / len(loops)
-    tflop = flop_per_clip(gen.c, args.model, args.duration, args.steps, cfg=not gen.c.is_consistency)
+    tflop = flop_per_clip(model.load(model_uri), args.model, args.duration, args.steps, cfg=not gen.c.is_consistency)
     result = {"clips": args.clips, "duration_s": args.duration, "batch_size": args.batch_size, "steps": args.steps,
-              "model": gen.c.extra.get("name") or args.model, "device": args.device, "torch_threads": res.torch_threads,
-              "loop": loops, "loop_clips_per_s": loop_rate, "jobs": jobs, "tflop_per_clip": tflop}
+              "model": gen.c.extra.get("name") or args.model, "device": args.device, "dtype": args.dtype,
+              "torch_threads": res.torch_threads, "loop": loops, "loop_clips_per_s": loop_rate, "jobs": jobs,
+              "tflop_per_clip": tflop}
     print(json.dumps(result, indent=1))
     table = render(result, args.peak_tflops)
     print(table)

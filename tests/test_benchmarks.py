@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,18 @@ def test_longform_null_ranks_the_marks_against_shifted_instants(tiny_student_dir
                         "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "silent or constant clip), left out" in r.stdout, r.stdout + r.stderr
     assert "all 1 clips were silent or constant" in r.stderr
+
+
+@pytest.mark.slow
+def test_throughput_runs_the_job_beside_a_bare_loop(tmp_path):
+    out = run("benchmarks/throughput.py", "--model", "tiny", "--clips", "6", "--batch-size", "2", "--duration", "1.28",
+              "--calls", "2", "--json", str(tmp_path / "t.json"))
+    import json
+
+    result = json.loads((tmp_path / "t.json").read_text())
+    job = result["jobs"][0]
+    assert job["calls_per_actor"] == 2 and job["ray"]["calls_per_actor"] == 2
+    assert job["steady_state"]["clips"] == 4 and job["steady_state"]["clips_per_s"] > 0  # 3 batches, the first out
+    assert all(job["stage_seconds"][k] > 0 for k in ("generation", "encode"))
+    assert result["tflop_per_clip"] > 0 and len(result["loop"]) == 2
+    assert re.search(r"^\| job, --calls-per-actor 2 \(steady state, 4 clips", out, re.M), out
