@@ -357,8 +357,12 @@ def test_resources_leave_cpu_headroom_and_pin_one_gpu_per_actor() -> None:
     two_nodes = plan_resources(config, {"CPU": 32.0}, nodes=2)  # 2 actors a node share its 16 cores
     assert (two_nodes.actors, two_nodes.torch_threads) == (4, 8)
     assert plan_resources(BatchConfig(manifest="m", output="o", torch_threads=1), {"CPU": 2.0}).torch_threads == 1
-    gpu = plan_resources(config, {"CPU": 32.0, "GPU": 8.0})
-    assert (gpu.actors, gpu.num_gpus, gpu.num_cpus, gpu.device) == (4, 1, 1, "cuda")
+    gpu = plan_resources(config, {"CPU": 32.0, "GPU": 8.0})  # 31 CPUs over 8 GPUs: 3 each, encoding beside the GPU
+    assert (gpu.actors, gpu.num_gpus, gpu.num_cpus, gpu.device, gpu.io_threads) == (4, 1, 3, "cuda", 6)
+    big = plan_resources(BatchConfig(manifest="m", output="o", num_actors=8), {"CPU": 192.0, "GPU": 8.0})
+    assert (big.num_cpus, big.io_threads) == (8, 16)  # at most 8 a GPU actor
+    assert plan_resources(BatchConfig(manifest="m", output="o", cpus_per_actor=2), {"CPU": 4.0, "GPU": 1.0}).num_cpus \
+        == 2
     assert plan_resources(config, {"CPU": 32.0, "GPU": 2.0}).actors == 2
     with pytest.raises(ValueError, match="no GPUs"):
         plan_resources(BatchConfig(manifest="m", output="o", device="cuda"), {"CPU": 4.0})

@@ -58,7 +58,7 @@ class BatchConfig:
     local_files_only: bool = False  # hub ids: never download
     clap_score: bool = True  # CLAP text-audio similarity per clip (needs the model's feature_extractor)
     verify_audio: bool = False  # resume: re-read every finished clip and compare its sha256
-    cpus_per_actor: float | None = None  # Ray CPUs per actor (None: 1 with GPUs, else a share leaving headroom)
+    cpus_per_actor: float | None = None  # Ray CPUs per actor (None: a share of the cluster's; see plan_resources)
     torch_threads: int | None = None  # intra-op threads per CPU actor (None: its Ray CPUs)
     no_progress_timeout_s: float | None = None  # Ray Data stall limit (None: max(1800, 60 · max_duration))
     progress_s: float = 10.0  # seconds between progress lines
@@ -200,6 +200,7 @@ class Resources:
     device: str
     torch_threads: int | None
     notes: list[str] = field(default_factory=list)
+    io_threads: int = 4  # per actor: encoding (soundfile releases the GIL), hashing and storage writes
 
 
 def plan_resources(config: BatchConfig, cluster: dict[str, float], nodes: int = 1) -> Resources:
@@ -214,7 +215,14 @@ def plan_resources(config: BatchConfig, cluster: dict[str, float], nodes: int = 
         actors = min(config.num_actors, int(gpus))
         if actors < config.num_actors:
             notes.append(f"--num-actors {config.num_actors} > {int(gpus)} GPUs in the cluster: using {actors}")
-        return Resources(actors, 1, config.cpus_per_actor or 1, config.device or "cuda", config.torch_threads, notes)
+        # CPUs per GPU actor: its share of the cluster's, less one a node for Ray's tasks, at most 8. The actor
+        # encodes and writes beside generating, and a GPU at ~2,000x real time makes ~200 clips of 10 s a second
+        # (FLAC: ~9 ms of one core each), so a single CPU would cap it; two I/O threads a CPU keep writes waiting
+        # on storage from holding up encoding.
+        share = max(1, min(8, math.floor((cpus - nodes) / gpus)))
+        num_cpus = config.cpus_per_actor or share
+        return Resources(actors, 1, num_cpus, config.device or "cuda", config.torch_threads, notes,
+                         io_threads=max(4, 2 * math.ceil(num_cpus)))
     if config.device is not None and config.device.startswith("cuda"):
         raise ValueError(f"--device {config.device}: the Ray cluster has no GPUs")
     spare = max(cpus - 1, cpus / 2)  # headroom: a pool holding every CPU starves the other tasks and hangs

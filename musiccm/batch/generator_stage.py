@@ -86,7 +86,8 @@ def device_name(device: str) -> str:
 class GeneratorStage:
     """Callable class for `Dataset.map_batches`: one model replica per actor."""
 
-    def __init__(self, config: BatchConfig, device: str | None = None, torch_threads: int | None = None) -> None:
+    def __init__(self, config: BatchConfig, device: str | None = None, torch_threads: int | None = None,
+                 io_threads: int = 4) -> None:
         import torch
 
         quiet_libraries()
@@ -107,7 +108,7 @@ class GeneratorStage:
         self.uses_guidance = self.components.has_guidance_embedding or not self.components.is_consistency
         self.node_id = node_identity()
         self.device_label = device_name(self.device)
-        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="audio-write")
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="audio-write")
         self._model_lock = threading.Lock()  # one generate() at a time; the other calls encode and write
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -88,7 +88,8 @@ def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink, le
             continue
         out = ray.data.from_arrow(blocks).map_batches(
             GeneratorStage,
-            fn_constructor_kwargs={"config": config, "device": res.device, "torch_threads": res.torch_threads},
+            fn_constructor_kwargs={"config": config, "device": res.device, "torch_threads": res.torch_threads,
+                                   "io_threads": res.io_threads},
             batch_size=batch_size,
             batch_format="pyarrow",
             # Ray Data's actor pools restart dead actors and retry their tasks without limit by default
@@ -247,7 +248,8 @@ def make_summary(
                    "mismatched": work.state.mismatched},
         "model": model_info,
         "ray": {"actors": res.actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus, "device": res.device,
-                "torch_threads": res.torch_threads, "calls_per_actor": config.calls_per_actor},
+                "torch_threads": res.torch_threads, "calls_per_actor": config.calls_per_actor,
+                "io_threads": res.io_threads},
         "config": config.to_dict(), "versions": versions(),
     }
     if model_info.get("trained") is False:
