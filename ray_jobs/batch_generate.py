@@ -65,9 +65,10 @@ def parser() -> argparse.ArgumentParser:
     a("--verify-audio", action="store_true", help="on resume, re-read finished clips and compare their sha256 "
       "(default: compare sizes from one listing)")
     a("--cpus-per-actor", type=float, default=None, help="Ray CPUs per actor (default: with GPUs, each actor's "
-      "share of the cluster's CPUs less one a node, 1 to 8, for encoding and writing beside generation; on CPU-only "
+      "share of its GPU node's CPUs less one, 1 to 8, for encoding and writing beside generation; on CPU-only "
       "clusters a share that leaves one CPU free)")
-    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: its share of its node's cores)")
+    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: its share of its "
+      "node's cores)")
     a("--no-progress-timeout-s", type=float, default=None, help="fail when Ray Data makes no progress this long "
       "(default max(1800, 60 x max-duration); -1: never)")
     a("--progress-s", type=float, default=10.0, help="seconds between progress lines (default 10)")

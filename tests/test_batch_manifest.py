@@ -354,7 +354,7 @@ def test_resources_leave_cpu_headroom_and_pin_one_gpu_per_actor() -> None:
     cpu16 = plan_resources(config, {"CPU": 16.0})
     assert (cpu16.actors, cpu16.num_cpus, cpu16.torch_threads) == (4, 3, 4)
     assert cpu16.actors * cpu16.num_cpus <= 15
-    two_nodes = plan_resources(config, {"CPU": 32.0}, nodes=2)  # 2 actors a node share its 16 cores
+    two_nodes = plan_resources(config, {"CPU": 32.0}, [{"CPU": 16.0}] * 2)  # 2 actors a node share its 16 cores
     assert (two_nodes.actors, two_nodes.torch_threads) == (4, 8)
     assert plan_resources(BatchConfig(manifest="m", output="o", torch_threads=1), {"CPU": 2.0}).torch_threads == 1
     gpu = plan_resources(config, {"CPU": 32.0, "GPU": 8.0})  # 31 CPUs over 8 GPUs: 3 each, encoding beside the GPU
@@ -363,6 +363,9 @@ def test_resources_leave_cpu_headroom_and_pin_one_gpu_per_actor() -> None:
     assert (big.num_cpus, big.io_threads) == (8, 16)  # at most 8 a GPU actor
     assert plan_resources(BatchConfig(manifest="m", output="o", cpus_per_actor=2), {"CPU": 4.0, "GPU": 1.0}).num_cpus \
         == 2
+    # A CPU-only head with many CPUs does not make GPU actors ask for more than a GPU node has.
+    nodes = [{"CPU": 64.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert plan_resources(config, {"CPU": 72.0, "GPU": 2.0}, nodes).num_cpus == 3
     assert plan_resources(config, {"CPU": 32.0, "GPU": 2.0}).actors == 2
     with pytest.raises(ValueError, match="no GPUs"):
         plan_resources(BatchConfig(manifest="m", output="o", device="cuda"), {"CPU": 4.0})

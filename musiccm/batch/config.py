@@ -203,23 +203,26 @@ class Resources:
     io_threads: int = 4  # per actor: encoding (soundfile releases the GIL), hashing and storage writes
 
 
-def plan_resources(config: BatchConfig, cluster: dict[str, float], nodes: int = 1) -> Resources:
+def plan_resources(config: BatchConfig, cluster: dict[str, float],
+                   nodes: list[dict[str, float]] | None = None) -> Resources:
     """One GPU per actor when the cluster has GPUs; otherwise CPU actors leaving one Ray CPU for other tasks, each
-    with torch threads for its share of a node's cores."""
+    with torch threads for its share of a node's cores. `nodes`: each live node's resources (default: the cluster
+    as one node)."""
     gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
-    nodes = max(1, nodes)
-    cpus_per_node = cpus / nodes
+    nodes = nodes or [cluster]
     wants_gpu = config.device is None or config.device.startswith("cuda")
     notes = []
     if gpus >= 1 and wants_gpu:
         actors = min(config.num_actors, int(gpus))
         if actors < config.num_actors:
             notes.append(f"--num-actors {config.num_actors} > {int(gpus)} GPUs in the cluster: using {actors}")
-        # CPUs per GPU actor: its share of the cluster's, less one a node for Ray's tasks, at most 8. The actor
+        # CPUs per GPU actor: its share of its GPU node's, less one for Ray's tasks, 1 to 8 (the smallest GPU node
+        # decides, so that every actor can be placed). The actor
         # encodes and writes beside generating, and a GPU at ~2,000x real time makes ~200 clips of 10 s a second
         # (FLAC: ~9 ms of one core each), so a single CPU would cap it; two I/O threads a CPU keep writes waiting
         # on storage from holding up encoding.
-        share = max(1, min(8, math.floor((cpus - nodes) / gpus)))
+        gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1] or [cluster]
+        share = max(1, min(8, *(math.floor((n.get("CPU", 1) - 1) / n["GPU"]) for n in gpu_nodes if n.get("GPU"))))
         num_cpus = config.cpus_per_actor or share
         return Resources(actors, 1, num_cpus, config.device or "cuda", config.torch_threads, notes,
                          io_threads=max(4, 2 * math.ceil(num_cpus)))
@@ -235,5 +238,6 @@ def plan_resources(config: BatchConfig, cluster: dict[str, float], nodes: int = 
     # Ray's own tasks sits idle while the actors generate (the rows are checked before generation starts), and a
     # 2-core machine would otherwise generate on one core (measured: 0.60x a bare loop with 1 thread; see
     # benchmarks/RESULTS.md, "Batch job throughput").
-    threads = config.torch_threads or max(1, int(cpus_per_node // max(1, math.ceil(actors / nodes))))
+    smallest = min(n.get("CPU", 1) for n in nodes)
+    threads = config.torch_threads or max(1, int(smallest // max(1, math.ceil(actors / len(nodes)))))
     return Resources(actors, 0, num_cpus, config.device or "cpu", threads, notes)

@@ -200,11 +200,12 @@ def _run_owned(config: BatchConfig, attempt: str, started: datetime, t0: float, 
         c = work.counts
         print(f"[batch] {c['requested']} rows: {c['rejected']} rejected, {c['skipped_done']} already done, "
               f"{c['to_generate']} to generate", flush=True)
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        live = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        nodes = len(live)
         if nodes > 1 and not storage.is_s3(config.output):
             raise ValueError(f"--output {config.output} is a local path but the Ray cluster has {nodes} nodes: "
                              "actors on other nodes would write to their own disks; use an s3:// output")
-        res = plan_resources(config, ray.cluster_resources(), nodes)
+        res = plan_resources(config, ray.cluster_resources(), live)
         for note in res.notes:
             print(f"[batch] note: {note}", flush=True)
         sink = Sink(config, attempt, work.todo.num_rows)
