@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     a("--lease-s", type=float, default=120.0, help="the output's owner lease (_OWNER.json) is stale this long "
       "after its owner's last renewal, so a crashed job on another host cannot lock the output for ever "
       "(default 120; a dead owner on this host is noticed at once)")
+    a("--dry-run", action="store_true", help="check every row and print what would be generated, skipped (already "
+      "done) and rejected, with the first reasons; generate nothing and write nothing to the output")
     a("--takeover", action="store_true", help="take the output from a job that still holds its lease (that "
       "job stops at its next renewal); without it a second job on the same --output exits 2")
     return p
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             clap_score=not args.no_clap_score, verify_audio=args.verify_audio, cpus_per_actor=args.cpus_per_actor,
             torch_threads=args.torch_threads, no_progress_timeout_s=args.no_progress_timeout_s,
             progress_s=args.progress_s, storage_retry_s=args.storage_retry_s, lease_s=args.lease_s,
-            takeover=args.takeover,
+            takeover=args.takeover, dry_run=args.dry_run,
         )
     except ValueError as exc:
         print(f"batch_generate: error: {exc}", file=sys.stderr)

@@ -65,6 +65,7 @@ class BatchConfig:
     storage_retry_s: float = DEFAULT_BUDGET_S  # how long a storage call rides out an outage before the clip fails
     lease_s: float = 120.0  # the output's lease (_OWNER.json) is stale this long after its last renewal
     takeover: bool = False  # take the output from a live owner (which then stops)
+    dry_run: bool = False  # check every row and report what would be done; generate and write nothing
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -112,6 +113,7 @@ class BatchConfig:
              f"seconds in 0..{MAX_BUDGET_S:g} (0: no retries)")
         need(_number_in(self.lease_s, 10, MAX_SECONDS), "lease_s", f"seconds in 10..{MAX_SECONDS:g}")
         need(isinstance(self.takeover, bool), "takeover", "True or False")
+        need(isinstance(self.dry_run, bool), "dry_run", "True or False")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field."""

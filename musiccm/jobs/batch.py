@@ -46,7 +46,7 @@ from musiccm.batch.config import (
 from musiccm.batch.generator_stage import GeneratorStage
 from musiccm.batch.manifest import ManifestError
 from musiccm.batch.metrics import Sink, write_errors
-from musiccm.jobs.batch_preflight import RunConflict, claim_output, inspect_model, preflight
+from musiccm.jobs.batch_preflight import RunConflict, check_claim, claim_output, inspect_model, preflight
 from musiccm.model import ModelError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -142,13 +142,15 @@ class Work:
 
 
 def find_work(files: list[str], carried: pa.Schema, config: BatchConfig, attempt: str, max_steps: int) -> Work:
-    """Read and check rows (Ray tasks), reject bad and duplicate ids, drop ids already done; write errors."""
+    """Read and check rows (Ray tasks), reject bad and duplicate ids, drop ids already done; write errors (not in a
+    dry run)."""
     checked = read_checked(files, carried, config, max_steps)
     valid, errors = manifest.split(checked)
     state = resume.resume_state(config.output, verify=config.verify_audio)
     done = pc.is_in(valid.column("id"), value_set=pa.array(sorted(state.done), pa.string()))
     todo = valid.filter(pc.invert(done))
-    write_errors(config.output, attempt, errors.to_pylist())
+    if not config.dry_run:
+        write_errors(config.output, attempt, errors.to_pylist())
     counts = {"requested": checked.num_rows, "valid": valid.num_rows, "rejected": errors.num_rows,
               "skipped_done": valid.num_rows - todo.num_rows, "to_generate": todo.num_rows}
     return Work(checked, errors, todo, state, counts)
@@ -177,6 +179,9 @@ def run(config: BatchConfig) -> dict:
     started, t0, attempt = datetime.now(UTC), time.monotonic(), new_attempt()
     retry.set_budget(config.storage_retry_s)
     config, files, carried, model_info = preflight(config)  # 1. fail fast, no Ray yet
+    if config.dry_run:
+        check_claim(config, model_info)
+        return dry_run(config, attempt, started, t0, files, carried, model_info)
     lease = ownership.acquire(config.output, config.run_name, attempt, config.lease_s, config.takeover)
     try:
         for note in lease.notes:
@@ -186,6 +191,24 @@ def run(config: BatchConfig) -> dict:
         return _run_owned(config, attempt, started, t0, files, carried, model_info, lease)
     finally:
         lease.release()
+
+
+def dry_run(config: BatchConfig, attempt: str, started: datetime, t0: float, files: list[str], carried: pa.Schema,
+            model_info: dict) -> dict:
+    """Steps 2-3 only: every row checked, duplicates and finished ids found; the counts and the first rejected rows
+    printed; nothing generated or written (no lease, `_RUN.json`, errors or summary)."""
+    with ray_session(config):
+        work = find_work(files, carried, config, attempt, steps_limit(model_info["consistency"]))
+    c = work.counts
+    print(f"[batch] dry run: {c['requested']} rows: {c['to_generate']} would be generated "
+          f"({sum(work.todo.column('duration_s').fill_null(0.0).to_pylist()):.1f} s of audio at least), "
+          f"{c['skipped_done']} already done, {c['rejected']} rejected", flush=True)
+    for row in work.errors.slice(0, 10).to_pylist():
+        print(f"[batch]   rejected {row['id']!r}: {row['reason']}", flush=True)
+    status = "dry run" if not (config.strict and c["rejected"]) else f"dry run: --strict and {c['rejected']} rejected"
+    return {"run_name": config.run_name, "output": config.output, "manifest": config.manifest, "attempt": attempt,
+            "status": status, "started_at": started.isoformat(), "wall_seconds": time.monotonic() - t0, "counts": c,
+            "model": model_info, "config": config.to_dict()}
 
 
 def _run_owned(config: BatchConfig, attempt: str, started: datetime, t0: float, files: list[str],
@@ -326,6 +349,8 @@ def run_job(config: BatchConfig) -> int:
         print(f"batch_generate: error: generation stopped: {storage.redact(root_cause(exc))}. Clips written so "
               "far are kept; rerun the same command to resume.", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    if summary["status"].startswith("dry run"):
+        return EXIT_OK if summary["status"] == "dry run" else EXIT_FAILED
     print(summary_table(summary), flush=True)
     return EXIT_OK if summary["status"] == "ok" else EXIT_FAILED
 

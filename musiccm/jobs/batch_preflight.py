@@ -106,29 +106,34 @@ def with_model_steps(config: BatchConfig, model_info: dict) -> BatchConfig:
     return dataclasses.replace(config, default_steps=steps)
 
 
-def claim_output(config: BatchConfig, model_info: dict, attempt: str) -> None:
-    """Write `_RUN.json`, or check that the run which owns the output used the same generation settings."""
+def check_claim(config: BatchConfig, model_info: dict) -> tuple[dict, dict | None]:
+    """(this run's `_RUN.json` record without attempts, the output's current one or None); RunConflict when the
+    output holds a run with other generation settings. Reads only."""
     uri = storage.join(config.output, "_RUN.json")
     fingerprint = {**config.fingerprint(), "model": model_info["hash"] or model_info["uri"]}
     record = {"run_name": config.run_name, "fingerprint": fingerprint, "config": config.to_dict()}
-    if storage.exists(uri):
-        previous = json.loads(storage.read_bytes(uri))
-        old = previous.get("fingerprint", {})
-        changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
-        if changed:
-            raise RunConflict(
-                f"{config.output} holds a run with other generation settings ({'; '.join(changed)}); "
-                "resuming would mix them. Use a new --output (or --run-name)."
-            )
-        record["attempts"] = [*previous.get("attempts", []), attempt]
-    else:
-        record["attempts"] = [attempt]
-    storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode())
+    previous = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    old = (previous or {}).get("fingerprint", {})
+    changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in fingerprint.items() if previous and old.get(k) != v]
+    if changed:
+        raise RunConflict(
+            f"{config.output} holds a run with other generation settings ({'; '.join(changed)}); "
+            "resuming would mix them. Use a new --output (or --run-name)."
+        )
+    return record, previous
+
+
+def claim_output(config: BatchConfig, model_info: dict, attempt: str) -> None:
+    """Write `_RUN.json`, or check that the run which owns the output used the same generation settings."""
+    record, previous = check_claim(config, model_info)
+    record["attempts"] = [*(previous or {}).get("attempts", []), attempt]
+    storage.write_bytes(storage.join(config.output, "_RUN.json"), json.dumps(record, indent=2, default=str).encode())
 
 
 
 def preflight(config: BatchConfig) -> tuple[BatchConfig, list[str], pa.Schema, dict]:
-    """Everything that can fail fast, before Ray: manifest files and schema, output writability, model.
+    """Everything that can fail fast, before Ray: manifest files and schema, output writability (a dry run writes
+    nothing, so it skips that probe), model.
 
     Returns the config with the model's default steps filled in (what `_RUN.json` and the summary record).
     """
@@ -136,7 +141,8 @@ def preflight(config: BatchConfig) -> tuple[BatchConfig, list[str], pa.Schema, d
     carried = manifest_schema(files)
     model_info = inspect_model(config.model)
     check_crop_fusion(config, model_info)
-    storage.check_writable(config.output)
+    if not config.dry_run:
+        storage.check_writable(config.output)
     config = with_model_steps(config, model_info)
     return config, files, carried, model_info
 
