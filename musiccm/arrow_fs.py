@@ -6,8 +6,9 @@ strategies count attempts with back-off that either gives up within seconds or g
 module wraps an `S3FileSystem` in a `PyFileSystem` whose handler runs each call under :func:`musiccm.retry.call`:
 
 - metadata calls (info, listings, deletes, moves, directory creation) are retried as they are;
-- a file opened for reading is first copied whole into a spooled temporary (memory up to 64 MiB, then disk),
-  so a connection dropped mid-read restarts that copy instead of failing the reader;
+- a file opened for reading reads through a retried, positioned reader: a read that fails mid-way reopens the
+  object and reads the same range again, so readers (Parquet row groups, checkpoint files) see no error and only
+  the ranges they ask for are fetched;
 - a file opened for writing is spooled the same way and uploaded on close, the upload retried whole.
 
 The handler pickles with its settings (endpoint, region, budget), not its connection, so Ray tasks and
@@ -94,35 +95,75 @@ class RetryingS3Handler(pafs.FileSystemHandler):
         self._call(src, lambda: self.fs.copy_file(src, dest))
 
     # ------------------------------------------------------------ streams
-    def _spooled(self, path: str) -> pa.NativeFile:
-        spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
-
-        def fetch() -> None:
-            spool.seek(0)
-            spool.truncate()
-            with self.fs.open_input_stream(path) as stream:
-                while chunk := stream.read(_CHUNK):
-                    spool.write(chunk)
-
-        try:
-            self._call(path, fetch)
-        except BaseException:
-            spool.close()
-            raise
-        spool.seek(0)
-        return pa.PythonFile(spool, mode="r")
-
     def open_input_file(self, path: str) -> pa.NativeFile:
-        return self._spooled(path)
+        reader = _RetryingReader(self, path)
+        reader.size()  # a missing object fails here, as pyarrow's own open does
+        return pa.PythonFile(reader, mode="r")
 
     def open_input_stream(self, path: str) -> pa.NativeFile:
-        return self._spooled(path)
+        return pa.PythonFile(_RetryingReader(self, path), mode="r")
 
     def open_output_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
         return pa.PythonFile(_UploadOnClose(self, path, metadata), mode="w")
 
     def open_append_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
         raise OSError(f"s3://{path}: S3 objects cannot be appended to")
+
+
+class _RetryingReader:
+    """A seekable reader of one object whose every read is retried: a failed read reopens the object."""
+
+    def __init__(self, handler: RetryingS3Handler, path: str) -> None:
+        self.handler, self.path = handler, path
+        self.pos, self.closed = 0, False
+        self._file: pa.NativeFile | None = None
+        self._size: int | None = None
+
+    def _read_at(self, n: int) -> bytes:
+        if self._file is None:
+            self._file = self.handler.fs.open_input_file(self.path)
+        try:
+            self._file.seek(self.pos)
+            return self._file.read(n) if n >= 0 else self._file.read()
+        except BaseException:
+            self._file = None  # a broken connection: the next attempt opens the object again
+            raise
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.handler._call(self.path, lambda: self._read_at(n))
+        self.pos += len(data)
+        return data
+
+    def size(self) -> int:
+        if self._size is None:
+            info = self.handler.get_file_info([self.path])[0]
+            if info.type != pafs.FileType.File:
+                raise FileNotFoundError(f"s3://{self.path}: no such object")
+            self._size = int(info.size)
+        return self._size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size() if whence == 2 else 0}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class _UploadOnClose:
