@@ -67,7 +67,7 @@ def test_missing_seed_is_derived_and_given_seed_kept() -> None:
         (pa.table({"id": ["a"], "prompt": ["a"], "seed": [1.0]}), "'Int64'"),
         (pa.table({"id": ["a"], "prompt": ["a"], "steps": [4.0]}), "column 'steps' has type double"),
         (pa.table({"id": ["a"], "prompt": ["a"], "format": [1]}), "column 'format' has type int64"),
-        (pa.table({"id": ["a"], "prompt": ["a"], "sha256": ["x"]}), "clash with metric columns"),
+        (pa.table({"id": ["a"], "prompt": ["a"], "sha256": ["x"]}), "clash with columns the job writes"),
     ],
 )
 def test_schema_errors_name_the_column_and_what_is_allowed(table: pa.Table, message: str) -> None:
