@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -95,12 +96,13 @@ def generate(todo: pa.Table, config: BatchConfig, res: Resources, sink: Sink, le
             # Ray Data's actor pools restart dead actors and retry their tasks without limit by default
             # (max_restarts=-1, max_task_retries=-1): a SIGKILLed actor's batch is redone at the same keys.
             # Threaded actors: calls_per_actor batches at once, generation serialised by the stage's own lock, so
-            # encoding and writing one batch overlaps generating the next (1: strictly one call at a time). An actor
-            # is sent no more batches than it runs at once, so the first actor ready cannot queue up a small job's
-            # every batch while the others still load their model.
+            # encoding and writing one batch overlaps generating the next (1: strictly one call at a time). Batches
+            # queued on an actor: Ray's default (2 per concurrent call), but never more than the actor's fair share
+            # of the job, so the first actor ready cannot take a small job's every batch while the others load.
             compute=ray.data.ActorPoolStrategy(
                 size=min(res.actors, len(blocks)), max_concurrent_calls_per_actor=config.calls_per_actor,
-                max_tasks_in_flight_per_actor=config.calls_per_actor,
+                max_tasks_in_flight_per_actor=max(1, min(2 * config.calls_per_actor,
+                                                         math.ceil(len(blocks) / min(res.actors, len(blocks))))),
                 enable_true_multi_threading=config.calls_per_actor > 1),
             num_gpus=res.num_gpus or None,
             num_cpus=res.num_cpus,
